@@ -1,0 +1,163 @@
+"""Internal wire formats between gateways and workers (never seen by clients).
+
+Payloads that carry client frames put them after a JSON header, separated by a newline
+(orjson never writes a raw newline), so a gateway hands the frame bytes to sockets as
+they are, without decoding or re-encoding them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+STREAM_FIELD = b"d"
+
+
+def token_digest(token: str) -> str:
+    """SHA-256 hex digest of a token: the only form a token is stored or sent in."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """A validated client request on its way from a gateway to a worker."""
+
+    node: str
+    conn: int
+    req: int
+    request_id: str | None
+    chat_id: str
+    token_digest: str
+    event_type: str
+    message: dict[str, Any] | None
+    received_at: float
+
+
+def encode_stream_entry(entry: StreamEntry) -> bytes:
+    """The value of the single stream field ``d``."""
+    return orjson.dumps(
+        {
+            "n": entry.node,
+            "c": entry.conn,
+            "q": entry.req,
+            "r": entry.request_id,
+            "ch": entry.chat_id,
+            "t": entry.token_digest,
+            "e": entry.event_type,
+            "m": entry.message,
+            "ts": entry.received_at,
+        }
+    )
+
+
+def decode_stream_entry(data: bytes) -> StreamEntry:
+    """Inverse of :func:`encode_stream_entry`; raises ValueError/KeyError when corrupt."""
+    raw = orjson.loads(data)
+    return StreamEntry(
+        node=raw["n"],
+        conn=raw["c"],
+        req=raw["q"],
+        request_id=raw["r"],
+        chat_id=raw["ch"],
+        token_digest=raw["t"],
+        event_type=raw["e"],
+        message=raw["m"],
+        received_at=raw["ts"],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The worker's word that a user may receive a chat's pushes on a connection.
+
+    ``head`` is the chat's last sequence id when the request was handled: pushes with
+    a higher id follow this reply on the same pub/sub connection.
+    """
+
+    chat_id: str
+    user_id: str
+    head: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply for one connection of one gateway node."""
+
+    conn: int
+    req: int
+    frame: bytes
+    grant: Grant | None = None
+    revoke: str | None = None  # chat id whose authorisation on this connection ends
+
+
+def encode_reply_envelope(reply: Reply) -> bytes:
+    """Node-channel payload: header line, then the client frame."""
+    header: dict[str, Any] = {"c": reply.conn, "q": reply.req}
+    if reply.grant is not None:
+        header["g"] = [reply.grant.chat_id, reply.grant.user_id, reply.grant.head]
+    if reply.revoke is not None:
+        header["x"] = reply.revoke
+    return orjson.dumps(header) + b"\n" + reply.frame
+
+
+def decode_reply_envelope(data: bytes) -> Reply:
+    """Inverse of :func:`encode_reply_envelope`."""
+    cut = data.index(b"\n")
+    header = orjson.loads(data[:cut])
+    grant = header.get("g")
+    return Reply(
+        conn=header["c"],
+        req=header["q"],
+        frame=data[cut + 1 :],
+        grant=Grant(grant[0], grant[1], grant[2]) if grant else None,
+        revoke=header.get("x"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """A stored message for every socket of a chat: one frame per ``is_my`` variant."""
+
+    chat_id: str
+    seq: int
+    author: str
+    origin_node: str
+    origin_conn: int
+    stored_at: float
+    mine: bytes
+    other: bytes
+
+
+def encode_push(push: Push) -> bytes:
+    """Chat-channel payload: header line, the ``is_my: true`` frame, the ``false`` frame."""
+    header = orjson.dumps(
+        [
+            push.chat_id,
+            push.seq,
+            push.author,
+            push.origin_node,
+            push.origin_conn,
+            push.stored_at,
+        ]
+    )
+    return b"\n".join((header, push.mine, push.other))
+
+
+def decode_push(data: bytes) -> Push:
+    """Inverse of :func:`encode_push`."""
+    first = data.index(b"\n")
+    second = data.index(b"\n", first + 1)
+    chat_id, seq, author, node, conn, stored_at = orjson.loads(data[:first])
+    return Push(
+        chat_id=chat_id,
+        seq=seq,
+        author=author,
+        origin_node=node,
+        origin_conn=conn,
+        stored_at=stored_at,
+        mine=data[first + 1 : second],
+        other=data[second + 1 :],
+    )

@@ -1,0 +1,164 @@
+"""Settings for every process, read from the environment in one place.
+
+Every variable is documented in ``example.env`` with its default. Nothing else in the
+code base reads ``os.environ`` for configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A variable is set to something that cannot be used."""
+
+
+def _default_node_id() -> str:
+    # Unique per process so two gateways on one host never share a reply channel.
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Immutable configuration shared by the gateway, the worker and the admin CLI."""
+
+    # Where things are.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    mongo_url: str = "mongodb://127.0.0.1:27017/chat"
+    redis_prefix: str = "chat"
+    partitions: int = 16
+    node_id: str = field(default_factory=_default_node_id)
+
+    # Gateway.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    request_timeout: float = 5.0
+    max_frame_bytes: int = 65_536
+    max_text_length: int = 4_096
+    send_queue_max_messages: int = 1_000
+    send_queue_max_bytes: int = 1_048_576
+    heartbeat_seconds: float = 30.0
+    websocket_compression: bool = False
+    xadd_batch: int = 256
+
+    # Worker.
+    worker_http_host: str = "127.0.0.1"
+    worker_http_port: int = 9100
+    lease_seconds: float = 5.0
+    worker_batch: int = 500
+    worker_block_ms: int = 200
+    auth_cache_ttl: float = 5.0
+    stream_maxlen: int = 1_000_000
+    retry_backoff_max: float = 2.0
+
+    # Both.
+    log_level: str = "INFO"
+    use_uvloop: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``); ``overrides`` win."""
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = _ENV_NAMES[f.name]
+            raw = source.get(name)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(name, raw, _TYPES[f.name])
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Reject values that would make a process misbehave rather than fail fast."""
+        if self.partitions < 1:
+            raise ConfigError("PARTITIONS must be at least 1")
+        if not 1 <= self.gateway_port <= 65535:
+            raise ConfigError("GATEWAY_PORT must be a TCP port")
+        if not 0 <= self.worker_http_port <= 65535:
+            raise ConfigError("WORKER_HTTP_PORT must be a TCP port or 0")
+        if self.request_timeout <= 0 or self.lease_seconds <= 0:
+            raise ConfigError("timeouts must be positive")
+        if self.send_queue_max_messages < 1 or self.send_queue_max_bytes < 1:
+            raise ConfigError("send queue bounds must be positive")
+        if self.worker_batch < 1 or self.xadd_batch < 1:
+            raise ConfigError("batch sizes must be positive")
+        if not self.node_id or any(c in self.node_id for c in " {}"):
+            raise ConfigError("NODE_ID must be non-empty without spaces or braces")
+
+    @property
+    def mongo_database(self) -> str:
+        """The database named in ``MONGO_URL``'s path (``chat`` when it names none)."""
+        from pymongo.uri_parser import parse_uri
+
+        return parse_uri(self.mongo_url).get("database") or "chat"
+
+
+_ENV_NAMES: dict[str, str] = {
+    "redis_url": "REDIS_URL",
+    "mongo_url": "MONGO_URL",
+    "redis_prefix": "REDIS_PREFIX",
+    "partitions": "PARTITIONS",
+    "node_id": "NODE_ID",
+    "gateway_host": "GATEWAY_HOST",
+    "gateway_port": "GATEWAY_PORT",
+    "request_timeout": "REQUEST_TIMEOUT_SECONDS",
+    "max_frame_bytes": "MAX_FRAME_BYTES",
+    "max_text_length": "MAX_TEXT_LENGTH",
+    "send_queue_max_messages": "SEND_QUEUE_MAX_MESSAGES",
+    "send_queue_max_bytes": "SEND_QUEUE_MAX_BYTES",
+    "heartbeat_seconds": "HEARTBEAT_SECONDS",
+    "websocket_compression": "WEBSOCKET_COMPRESSION",
+    "xadd_batch": "XADD_BATCH",
+    "worker_http_host": "WORKER_HTTP_HOST",
+    "worker_http_port": "WORKER_HTTP_PORT",
+    "lease_seconds": "LEASE_SECONDS",
+    "worker_batch": "WORKER_BATCH_SIZE",
+    "worker_block_ms": "WORKER_BLOCK_MS",
+    "auth_cache_ttl": "AUTH_CACHE_TTL_SECONDS",
+    "stream_maxlen": "STREAM_MAXLEN",
+    "retry_backoff_max": "RETRY_BACKOFF_MAX_SECONDS",
+    "log_level": "LOG_LEVEL",
+    "use_uvloop": "USE_UVLOOP",
+}
+
+_TYPES: dict[str, type] = {
+    f.name: type(f.default) if not callable(f.default_factory) else str  # type: ignore[misc]
+    for f in fields(Settings)
+}
+
+
+def env_names() -> dict[str, str]:
+    """Field name -> environment variable name (used by tests that check example.env)."""
+    return dict(_ENV_NAMES)
+
+
+def _convert(name: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw.replace("_", ""))
+        if kind is float:
+            return float(raw)
+        if kind is tuple:
+            return _csv(raw)
+        return raw.strip()
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
