@@ -123,9 +123,7 @@ def parse_request(data: str | bytes, limits: Limits) -> Request:
         )
     if event_type not in EVENTS:
         shown = event_type if len(event_type) <= MAX_ID_LENGTH else event_type[:MAX_ID_LENGTH] + "…"
-        raise ProtocolError(
-            EVENT_NOT_FOUND, f"Event {shown} not found", shown, request_id
-        )
+        raise ProtocolError(EVENT_NOT_FOUND, f"Event {shown} not found", shown, request_id)
 
     def bad(detail: str) -> ProtocolError:
         return ProtocolError(BAD_REQUEST, detail, event_type, request_id)

@@ -1,0 +1,164 @@
+"""One client socket: identity, per-chat authorisation and a bounded output path.
+
+Frames are written straight to the transport while it keeps up (the common case: no
+task, no copy). When the transport pushes back, frames wait in a per-socket queue
+bounded in messages and bytes, drained by a writer task; a socket that lets the queue
+fill up is closed as a slow consumer instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+log = logging.getLogger(__name__)
+
+# Above this many buffered bytes in the transport, frames go through the queue instead.
+TRANSPORT_HIGH_WATER = 64 * 1024
+CLOSE_SLOW_CONSUMER = WSCloseCode.POLICY_VIOLATION
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete unmasked server->client text frame (RFC 6455 section 5.2)."""
+    size = len(payload)
+    if size < 126:
+        return struct.pack("!BB", 0x81, size) + payload
+    if size < 65536:
+        return struct.pack("!BBH", 0x81, 126, size) + payload
+    return struct.pack("!BBQ", 0x81, 127, size) + payload
+
+
+class ChatState:
+    """What one socket may see of one chat: as whom, and the last id it was sent."""
+
+    __slots__ = ("last_seq", "user_id")
+
+    def __init__(self, user_id: str, last_seq: int) -> None:
+        self.user_id = user_id
+        self.last_seq = last_seq
+
+
+class Connection:
+    """A WebSocket and its state on this node."""
+
+    __slots__ = (
+        "_limits",
+        "_queue",
+        "_queued_bytes",
+        "_writer",
+        "chats",
+        "closed",
+        "conn_id",
+        "on_slow",
+        "peer",
+        "raw_ok",
+        "transport",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        conn_id: int,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        peer: str,
+        *,
+        max_messages: int,
+        max_bytes: int,
+        on_slow: Callable[[Connection], None],
+    ) -> None:
+        self.conn_id = conn_id
+        self.ws = ws
+        self.transport = transport
+        self.peer = peer
+        self.chats: dict[str, ChatState] = {}
+        self.closed = False
+        self.on_slow = on_slow
+        # Pre-built frames are only valid without permessage-deflate.
+        self.raw_ok = not ws.compress
+        self._queue: deque[bytes] | None = None
+        self._queued_bytes = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._limits = (max_messages, max_bytes)
+
+    def send(self, payload: bytes, wire: bytes | None = None) -> bool:
+        """Queue one text frame; ``wire`` is ``text_frame(payload)`` when the caller has it.
+
+        Returns False when the frame was not accepted (socket closed or too slow).
+        """
+        if self.closed:
+            return False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        if (
+            self.raw_ok
+            and self._queue is None
+            and transport.get_write_buffer_size() < TRANSPORT_HIGH_WATER
+        ):
+            transport.write(wire if wire is not None else text_frame(payload))
+            return True
+        return self._enqueue(payload)
+
+    def _enqueue(self, payload: bytes) -> bool:
+        max_messages, max_bytes = self._limits
+        if self._queue is None:
+            self._queue = deque()
+        if len(self._queue) >= max_messages or self._queued_bytes + len(payload) > max_bytes:
+            self.on_slow(self)
+            return False
+        self._queue.append(payload)
+        self._queued_bytes += len(payload)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+        return True
+
+    async def _drain(self) -> None:
+        queue = self._queue
+        try:
+            while queue:
+                payload = queue[0]
+                # send_frame awaits the transport's drain when it is over its limit.
+                await self.ws.send_frame(payload, WSMsgType.TEXT)
+                queue.popleft()
+                self._queued_bytes -= len(payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the peer went away mid-write
+            log.debug("writer stopped", extra={"conn": self.conn_id, "error": repr(exc)})
+        finally:
+            self._writer = None
+            if not self._queue:
+                self._queue = None
+                self._queued_bytes = 0
+
+    @property
+    def queued(self) -> tuple[int, int]:
+        """(frames, bytes) waiting in this socket's own queue."""
+        return (len(self._queue) if self._queue else 0, self._queued_bytes)
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the socket with ``code`` and ``reason``; safe to call twice."""
+        self.closed = True
+        writer = self._writer
+        if writer is not None and writer is not asyncio.current_task():
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), 5.0)
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.conn_id} {self.peer}>"
+
+
+def describe(conn: Any) -> dict[str, Any]:
+    """Log fields for a connection (never a token)."""
+    return {"conn": getattr(conn, "conn_id", None), "peer": getattr(conn, "peer", None)}

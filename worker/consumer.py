@@ -1,0 +1,247 @@
+"""The worker's read loop: owned partition streams in, replies and pushes out.
+
+For each batch: process (store), then PUBLISH every reply and push in stream order,
+and only then XACK. A failure anywhere before the ack leaves the entries pending: the
+batch is retried here with backoff (``suspect`` processing finds what was already
+stored), or, if this worker dies, claimed by the partition's next owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from shared.backoff import Backoff
+from shared.codec import STREAM_FIELD, decode_stream_entry, encode_push, encode_reply_envelope
+from shared.keys import CONSUMER_GROUP, Keys
+from shared.metrics import WorkerMetrics
+
+from .partitions import PartitionManager
+from .processor import Counters, Item, Outcome, Processor, StaleOwner
+
+log = logging.getLogger(__name__)
+
+
+class Consumer:
+    """Reads owned partitions in batches and hands them to the processor."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        node_id: str,
+        partitions: PartitionManager,
+        processor: Processor,
+        counters: Counters,
+        metrics: WorkerMetrics,
+        *,
+        batch: int,
+        block_ms: int,
+        backoff_cap: float,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.node_id = node_id
+        self.partitions = partitions
+        self.processor = processor
+        self.counters = counters
+        self.metrics = metrics
+        self.batch = batch
+        self.block_ms = block_ms
+        self.backoff_cap = backoff_cap
+        self.stopping = False
+        self.redis_ok = True
+        self.mongo_ok = True
+        self._groups: set[str] = set()
+        self._sampled: set[str] = set()
+
+    async def run(self) -> None:
+        """Read and handle batches until cancelled or :attr:`stopping`."""
+        backoff = Backoff(cap=self.backoff_cap)
+        while not self.stopping:
+            try:
+                await self.partitions.hand_back_surplus()
+                fresh = self.partitions.take_fresh()
+                if fresh:
+                    # New owner: counters may be stale, and the old owner's pending
+                    # entries come first.
+                    self.counters.forget()
+                    for partition in fresh:
+                        await self._recover(partition)
+                owned = self.partitions.readable()
+                if not owned:
+                    await self.partitions.wait_changed(0.5)
+                    continue
+                items = await self._read(owned, ">")
+                self.redis_ok = True
+                if items:
+                    await self._handle(items, suspect=False)
+                backoff.reset()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self.redis_ok = False
+                log.warning("stream read failed", extra={"error": repr(exc)})
+                await backoff.sleep()
+            except Exception:
+                log.exception("consumer loop failed; retrying")
+                await backoff.sleep()
+
+    async def _ensure_group(self, stream: str) -> None:
+        if stream in self._groups:
+            return
+        try:
+            # From the start: entries added before any worker existed are not skipped.
+            await self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(stream)
+
+    async def _recover(self, partition: int) -> None:
+        """Claim every pending entry of the partition and handle them before new ones."""
+        stream = self.keys.stream(partition)
+        await self._ensure_group(stream)
+        cursor = "0-0"
+        while True:
+            result = await self.redis.xautoclaim(
+                stream, CONSUMER_GROUP, self.node_id, min_idle_time=0, start_id=cursor,
+                count=self.batch,
+            )  # fmt: skip
+            # Reply: [next cursor, claimed entries, ids deleted while pending (Redis 7)].
+            cursor = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
+            if cursor == "0-0":
+                break
+        last = "0"
+        while self.partitions.holds(partition):
+            items = await self._read([partition], last)
+            if not items:
+                break
+            last = items[-1].entry_id if items else last
+            log.info("recovering pending entries", extra={"partition": partition, "n": len(items)})
+            await self._handle(items, suspect=True)
+
+    async def _read(self, partitions: list[int], start: str) -> list[Item]:
+        streams = {self.keys.stream(p): start for p in partitions}
+        for stream in streams:
+            await self._ensure_group(stream)
+        try:
+            response = await self.redis.xreadgroup(
+                CONSUMER_GROUP,
+                self.node_id,
+                streams,  # type: ignore[arg-type]
+                count=self.batch,
+                block=self.block_ms if start == ">" else None,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                # Redis lost the group (restarted without its data): create it again.
+                self._groups.clear()
+                return []
+            raise
+        items: list[Item] = []
+        dead: dict[str, list[str]] = defaultdict(list)
+        for stream_name, entries in response or []:
+            stream = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
+            partition = self.keys.stream_partition(stream)
+            for raw_id, fields in entries:
+                entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+                payload = fields.get(STREAM_FIELD) if fields else None
+                if payload is None:
+                    dead[stream].append(entry_id)  # trimmed away while pending
+                    continue
+                try:
+                    entry = decode_stream_entry(payload)
+                except (ValueError, KeyError, TypeError):
+                    log.error("dropping corrupt stream entry", extra={"entry": entry_id})
+                    dead[stream].append(entry_id)
+                    continue
+                items.append(Item(stream, entry_id, partition, entry))
+        for stream, ids in dead.items():
+            await self.redis.xack(stream, CONSUMER_GROUP, *ids)
+        return items
+
+    async def _handle(self, items: list[Item], *, suspect: bool) -> None:
+        """Process, publish, ack; retry with backoff until done or the partitions are lost."""
+        backoff = Backoff(cap=self.backoff_cap)
+        self.metrics.batch_size.observe(len(items))
+        outcome: Outcome | None = None
+        while True:
+            # Never write for a partition whose lease this worker can no longer vouch for.
+            items = [i for i in items if self.partitions.holds(i.partition)]
+            if not items:
+                return
+            try:
+                if outcome is None:
+                    outcome = await self.processor.process(items, suspect=suspect)
+                    self.mongo_ok = True
+                await self._publish_and_ack(items, outcome)
+                self.redis_ok = True
+                return
+            except asyncio.CancelledError:
+                raise
+            except StaleOwner as exc:
+                self.metrics.retries.labels("stale_owner").inc()
+                log.warning("sequence conflict; reloading", extra={"error": str(exc)})
+                suspect = True
+                await self.partitions.tick()
+            except (RedisError, OSError) as exc:
+                self.redis_ok = False
+                self.metrics.retries.labels("redis").inc()
+                log.warning("publish failed; retrying", extra={"error": repr(exc)})
+                await backoff.sleep()
+            except Exception as exc:
+                # MongoDB unavailable (or any other failure): nothing is acked, retry.
+                self.mongo_ok = _is_mongo_up(exc)
+                self.metrics.retries.labels("mongo").inc()
+                log.warning("batch failed; retrying", extra={"error": repr(exc)[:300]})
+                suspect = True
+                await backoff.sleep()
+
+    async def _publish_and_ack(self, items: list[Item], outcome: Outcome) -> None:
+        acks: dict[str, list[str]] = defaultdict(list)
+        for item in items:
+            acks[item.stream].append(item.entry_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for kind, index in outcome.order:
+                if kind == "r":
+                    node, reply = outcome.replies[index]
+                    pipe.publish(self.keys.node_channel(node), encode_reply_envelope(reply))
+                else:
+                    push = outcome.pushes[index]
+                    pipe.publish(self.keys.chat_channel(push.chat_id), encode_push(push))
+            for stream, ids in acks.items():
+                pipe.xack(stream, CONSUMER_GROUP, *ids)
+            await pipe.execute()
+
+    async def sample_streams(self) -> None:
+        """Stream length and pending count of each owned partition, for /metrics."""
+        owned = {str(p) for p in self.partitions.readable()}
+        for label in self._sampled - owned:
+            # Another worker reports it now; a stale series here would double count.
+            self.metrics.stream_length.remove(label)
+            self.metrics.stream_pending.remove(label)
+        self._sampled = owned
+        for partition in self.partitions.readable():
+            stream = self.keys.stream(partition)
+            try:
+                length = await self.redis.xlen(stream)
+                pending: Any = await self.redis.xpending(stream, CONSUMER_GROUP)
+            except ResponseError:
+                continue
+            label = str(partition)
+            self.metrics.stream_length.labels(label).set(length)
+            self.metrics.stream_pending.labels(label).set(
+                pending.get("pending", 0) if pending else 0
+            )
+
+
+def _is_mongo_up(exc: Exception) -> bool:
+    from pymongo.errors import AutoReconnect, ConnectionFailure, ServerSelectionTimeoutError
+
+    return not isinstance(exc, ConnectionFailure | AutoReconnect | ServerSelectionTimeoutError)

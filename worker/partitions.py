@@ -1,0 +1,195 @@
+"""Partition ownership through leases in Redis.
+
+Each partition has a lease key holding its owner's node id with a TTL. Owners renew
+every third of the lease; a worker that dies loses its partitions when the TTL runs
+out, and the others take them over. Live workers register in a sorted set, and each
+aims at a fair share (ceil(partitions / live workers)): it takes free partitions up
+to its share and hands back the surplus, between batches, when more workers join.
+
+A worker trusts its own lease only until ``renewed_at + 0.9 * lease``; past that it
+stops writing. The unique (chat_id, seq) index fences a worker that was paused
+longer than that and wakes up thinking it still owns its partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.backoff import Backoff
+from shared.keys import Keys
+from shared.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+class PartitionManager:
+    """Acquires, renews and releases this worker's partition leases."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        node_id: str,
+        partitions: int,
+        lease_seconds: float,
+        metrics: WorkerMetrics,
+        backoff_cap: float = 2.0,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.node_id = node_id
+        self.partitions = partitions
+        self.lease = lease_seconds
+        self.metrics = metrics
+        self.backoff_cap = backoff_cap
+        self._valid_until: dict[int, float] = {}
+        self._fresh: set[int] = set()  # acquired, pending entries not yet recovered
+        self._surplus: set[int] = set()  # to hand back between batches
+        self._changed = asyncio.Event()
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+        self.stopping = False
+        self.healthy = False
+
+    def holds(self, partition: int) -> bool:
+        """True while this worker may write for ``partition``."""
+        return self._valid_until.get(partition, 0.0) > time.monotonic()
+
+    def readable(self) -> list[int]:
+        """Partitions to read from now (held, not being handed back)."""
+        now = time.monotonic()
+        return sorted(p for p, t in self._valid_until.items() if t > now and p not in self._surplus)
+
+    def take_fresh(self) -> list[int]:
+        """Partitions acquired since the last call (their pending entries need a claim)."""
+        fresh = sorted(p for p in self._fresh if self.holds(p))
+        self._fresh.clear()
+        return fresh
+
+    @property
+    def owned(self) -> int:
+        """How many partitions this worker holds."""
+        return len(self._valid_until)
+
+    async def wait_changed(self, timeout: float) -> None:
+        """Sleep until ownership changes or ``timeout`` passes."""
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def run(self) -> None:
+        """Heartbeat, renew, rebalance every third of the lease, until cancelled."""
+        backoff = Backoff(cap=self.backoff_cap)
+        while True:
+            try:
+                await self.tick()
+                self.healthy = True
+                backoff.reset()
+                await asyncio.sleep(self.lease / 3)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self.healthy = False
+                log.warning("lease upkeep failed", extra={"error": repr(exc)})
+                await backoff.sleep()
+            except Exception:
+                self.healthy = False
+                log.exception("lease upkeep failed")
+                await backoff.sleep()
+
+    async def tick(self) -> None:
+        """One round: register, renew held leases, take or hand back to reach a fair share."""
+        now_wall = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.workers, {self.node_id: now_wall})
+            pipe.zremrangebyscore(self.keys.workers, "-inf", now_wall - 3 * self.lease)
+            pipe.zcard(self.keys.workers)
+            _, _, live = await pipe.execute()
+        ms = int(self.lease * 1000)
+        for partition in list(self._valid_until):
+            started = time.monotonic()
+            renewed = await self._renew(keys=[self.keys.lease(partition)], args=[self.node_id, ms])
+            if renewed:
+                self._valid_until[partition] = started + 0.9 * self.lease
+            else:
+                log.warning("lease lost", extra={"partition": partition})
+                self._drop(partition)
+        if self.stopping:
+            return
+        share = math.ceil(self.partitions / max(1, int(live)))
+        if len(self._valid_until) < share:
+            await self._acquire(share - len(self._valid_until), ms)
+        elif len(self._valid_until) > share:
+            extra = len(self._valid_until) - share - len(self._surplus)
+            for partition in sorted(self._valid_until, reverse=True)[: max(0, extra)]:
+                self._surplus.add(partition)
+        self.metrics.partitions_owned.set(len(self._valid_until))
+
+    async def _acquire(self, wanted: int, ms: int) -> None:
+        # Start at a per-worker offset so workers do not all race for partition 0.
+        offset = hash(self.node_id) % self.partitions
+        for i in range(self.partitions):
+            if wanted <= 0:
+                break
+            partition = (offset + i) % self.partitions
+            if partition in self._valid_until:
+                continue
+            started = time.monotonic()
+            if await self.redis.set(self.keys.lease(partition), self.node_id, nx=True, px=ms):
+                self._valid_until[partition] = started + 0.9 * self.lease
+                self._fresh.add(partition)
+                wanted -= 1
+                log.info("partition acquired", extra={"partition": partition})
+                self._changed.set()
+
+    def _drop(self, partition: int) -> None:
+        self._valid_until.pop(partition, None)
+        self._fresh.discard(partition)
+        self._surplus.discard(partition)
+        self._changed.set()
+
+    async def hand_back_surplus(self) -> None:
+        """Release partitions marked surplus; call only between batches."""
+        for partition in list(self._surplus):
+            await self.release(partition)
+
+    async def release(self, partition: int) -> None:
+        """Give a lease up now so another worker can take it at its next round."""
+        self._drop(partition)
+        try:
+            await self._release(keys=[self.keys.lease(partition)], args=[self.node_id])
+            log.info("partition released", extra={"partition": partition})
+        except (RedisError, OSError) as exc:
+            log.warning("release failed; the lease will expire", extra={"error": repr(exc)})
+        self.metrics.partitions_owned.set(len(self._valid_until))
+
+    async def release_all(self) -> None:
+        """Stop taking partitions and release every lease (graceful shutdown)."""
+        self.stopping = True
+        for partition in list(self._valid_until):
+            await self.release(partition)
+        try:
+            await self.redis.zrem(self.keys.workers, self.node_id)
+        except (RedisError, OSError):
+            pass

@@ -1,0 +1,309 @@
+"""Turns a batch of stream entries into stored messages, replies and pushes.
+
+:meth:`Processor.process` has no side effect but MongoDB writes, and those are
+idempotent: a batch that fails half-way is simply processed again with
+``suspect=True``, which looks up what the first attempt (or a stale owner, or an
+earlier delivery of the same entry) already stored, by event id and client key.
+
+Within a batch, entries are handled in stream order. Sends are grouped and inserted
+with one ``insert_many``; a ``get_history`` first flushes the sends before it, so a page
+and its ``head`` reflect every message stored ahead of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared import protocol
+from shared.codec import Grant, Push, Reply, StreamEntry
+from shared.metrics import WorkerMetrics
+
+from .auth import Authenticator, Identity
+from .store import Doc, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Item:
+    """One stream entry in a batch."""
+
+    stream: str
+    entry_id: str
+    partition: int
+    entry: StreamEntry
+
+    @property
+    def event_id(self) -> str:
+        """Unique id of this request across all partitions: the message's ``_id``."""
+        return f"{self.partition}-{self.entry_id}"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a processed batch publishes, in entry order."""
+
+    replies: list[tuple[str, Reply]] = field(default_factory=list)  # (node, reply)
+    pushes: list[Push] = field(default_factory=list)
+    order: list[tuple[str, int]] = field(default_factory=list)  # ("r"|"p", index)
+    stored: int = 0
+
+    def reply(self, node: str, reply: Reply) -> None:
+        self.order.append(("r", len(self.replies)))
+        self.replies.append((node, reply))
+
+    def push(self, push: Push) -> None:
+        self.order.append(("p", len(self.pushes)))
+        self.pushes.append(push)
+
+
+class StaleOwner(Exception):
+    """An insert hit a unique index: someone else wrote for this chat; reload and retry."""
+
+
+class Counters:
+    """Last sequence id per chat, loaded lazily and trusted while the partition is held."""
+
+    def __init__(self, store: Store, max_chats: int = 200_000) -> None:
+        self.store = store
+        self.max_chats = max_chats
+        self._last: dict[str, int] = {}
+
+    async def load(self, chat_ids: set[str]) -> None:
+        """Make sure every chat in ``chat_ids`` has a counter."""
+        for chat_id in chat_ids - self._last.keys():
+            if len(self._last) >= self.max_chats:
+                for stale in list(self._last)[: self.max_chats // 10]:
+                    del self._last[stale]
+            self._last[chat_id] = await self.store.last_seq(chat_id)
+
+    def get(self, chat_id: str) -> int:
+        return self._last[chat_id]
+
+    def set(self, chat_id: str, seq: int) -> None:
+        self._last[chat_id] = seq
+
+    def forget(self, chat_ids: set[str] | None = None) -> None:
+        """Drop counters (all of them by default) so they are read from MongoDB again."""
+        if chat_ids is None:
+            self._last.clear()
+        else:
+            for chat_id in chat_ids:
+                self._last.pop(chat_id, None)
+
+
+class Processor:
+    """Validates, stores and answers one batch at a time."""
+
+    def __init__(
+        self,
+        store: Store,
+        auth: Authenticator,
+        counters: Counters,
+        metrics: WorkerMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.auth = auth
+        self.counters = counters
+        self.metrics = metrics
+        self.clock = clock
+
+    async def process(self, items: Sequence[Item], *, suspect: bool) -> Outcome:
+        """Handle ``items`` in order; raise on a MongoDB failure (the caller retries)."""
+        outcome = Outcome()
+        digests = {i.entry.token_digest for i in items if i.entry.token_digest}
+        identities = await self._timed("auth", self.auth.identities_for(digests))
+        members = await self._timed("auth", self.auth.members_of({i.entry.chat_id for i in items}))
+        now = self.clock()
+        segment: list[tuple[Item, Identity]] = []
+        for item in items:
+            entry = item.entry
+            identity = identities.get(entry.token_digest) if entry.token_digest else None
+            if identity is None or not identity.valid(now):
+                self._error(
+                    outcome, item, protocol.TOKEN_VALIDATION_ERROR, protocol.DETAIL_BAD_TOKEN
+                )
+                continue
+            chat_members = members.get(entry.chat_id)
+            if chat_members is None or identity.user_id not in chat_members:
+                # A non-member learns nothing more than for a chat that does not exist.
+                self._error(outcome, item, protocol.CHAT_NOT_EXISTS, protocol.DETAIL_NO_CHAT)
+                continue
+            if entry.event_type in protocol.SEND_EVENTS:
+                segment.append((item, identity))
+                continue
+            if segment:
+                await self._store_segment(outcome, segment, suspect)
+                segment = []
+            await self._history(outcome, item, identity)
+        if segment:
+            await self._store_segment(outcome, segment, suspect)
+        return outcome
+
+    # -- replies -----------------------------------------------------------------
+
+    def _error(self, outcome: Outcome, item: Item, reply_type: str, detail: str) -> None:
+        entry = item.entry
+        frame = protocol.encode_reply(reply_type, entry.event_type, None, detail, entry.request_id)
+        outcome.reply(entry.node, Reply(entry.conn, entry.req, frame, revoke=entry.chat_id))
+        self.metrics.events.labels(entry.event_type, reply_type).inc()
+
+    async def _history(self, outcome: Outcome, item: Item, identity: Identity) -> None:
+        entry = item.entry
+        query = entry.message or {}
+        await self._timed("last_seq", self.counters.load({entry.chat_id}))
+        head = self.counters.get(entry.chat_id)
+        page = await self._timed(
+            "history",
+            self.store.history(
+                entry.chat_id,
+                limit=int(query.get("limit", protocol.HISTORY_DEFAULT_LIMIT)),
+                before=query.get("before_id"),
+                after=query.get("after_id"),
+            ),
+        )
+        user = identity.user_id
+        messages = [protocol.message_view(doc, doc["user_id"] == user) for doc in page]
+        frame = protocol.encode_reply(
+            protocol.SUCCESS, entry.event_type, messages, None, entry.request_id
+        )
+        grant = Grant(entry.chat_id, user, head)
+        outcome.reply(entry.node, Reply(entry.conn, entry.req, frame, grant=grant))
+        self.metrics.events.labels(entry.event_type, protocol.SUCCESS).inc()
+
+    # -- sends -------------------------------------------------------------------
+
+    async def _store_segment(
+        self, outcome: Outcome, segment: list[tuple[Item, Identity]], suspect: bool
+    ) -> None:
+        client_keys = [
+            (item.entry.chat_id, identity.user_id, item.entry.message["client_msg_id"])
+            for item, identity in segment
+            if item.entry.message and item.entry.message.get("client_msg_id")
+        ]
+        by_event: dict[str, Doc] = {}
+        by_key: dict[tuple[str, str, str], Doc] = {}
+        if suspect or client_keys:
+            event_ids = [item.event_id for item, _ in segment] if suspect else []
+            by_event, by_key = await self._timed(
+                "find_existing", self.store.find_existing(event_ids, client_keys)
+            )
+        await self._timed("last_seq", self.counters.load({i.entry.chat_id for i, _ in segment}))
+
+        now = int(self.clock())
+        stored_at = self.clock()
+        new_docs: list[Doc] = []
+        # (item, identity, doc, head, push?): replies and pushes once the insert succeeded.
+        # head is the chat's last id at this entry's place in stream order.
+        plan: list[tuple[Item, Identity, Doc, int, bool]] = []
+        for item, identity in segment:
+            entry = item.entry
+            message: dict[str, Any] = entry.message or {}
+            key = message.get("client_msg_id")
+            existing = by_event.get(item.event_id)
+            if existing is not None:
+                # Redelivered entry: answer again, push again (gateways drop duplicates by id).
+                plan.append((item, identity, existing, self.counters.get(entry.chat_id), True))
+                continue
+            if key is not None:
+                existing = by_key.get((entry.chat_id, identity.user_id, key))
+                if existing is not None:
+                    # Client retry: the first stored message, and nothing pushed again.
+                    plan.append((item, identity, existing, self.counters.get(entry.chat_id), False))
+                    continue
+            seq = self.counters.get(entry.chat_id) + 1
+            self.counters.set(entry.chat_id, seq)
+            doc: Doc = {
+                "_id": item.event_id,
+                "chat_id": entry.chat_id,
+                "seq": seq,
+                "user_id": identity.user_id,
+                "username": identity.username,
+                "avatar": identity.avatar,
+                "type": message.get("type", protocol.TEXT),
+                "text": message.get("text"),
+                "file_url": message.get("file_url"),
+                "created_at": now,
+            }
+            if key is not None:
+                doc["client_msg_id"] = key
+                by_key[(entry.chat_id, identity.user_id, key)] = doc
+            new_docs.append(doc)
+            plan.append((item, identity, doc, seq, True))
+
+        try:
+            await self._timed("insert", self.store.insert_messages(new_docs))
+        except Exception as exc:
+            # Whatever got in before the failure is found by event id on the retry.
+            self.counters.forget({i.entry.chat_id for i, _ in segment})
+            if _is_duplicate(exc):
+                raise StaleOwner(str(exc)[:200]) from exc
+            raise
+        outcome.stored += len(new_docs)
+        self.metrics.messages_stored.inc(len(new_docs))
+
+        for item, identity, doc, head, push in plan:
+            entry = item.entry
+            chat_id = entry.chat_id
+            mine = protocol.encode_reply(
+                protocol.SUCCESS,
+                entry.event_type,
+                [protocol.message_view(doc, True)],
+                protocol.DETAIL_SUCCESS,
+                entry.request_id,
+            )
+            grant = Grant(chat_id, identity.user_id, head)
+            outcome.reply(entry.node, Reply(entry.conn, entry.req, mine, grant=grant))
+            self.metrics.events.labels(entry.event_type, protocol.SUCCESS).inc()
+            if not push:
+                continue
+            if entry.request_id is None:
+                push_mine = mine
+            else:
+                push_mine = protocol.encode_reply(
+                    protocol.SUCCESS,
+                    entry.event_type,
+                    [protocol.message_view(doc, True)],
+                    protocol.DETAIL_SUCCESS,
+                )
+            other = protocol.encode_reply(
+                protocol.SUCCESS,
+                entry.event_type,
+                [protocol.message_view(doc, False)],
+                protocol.DETAIL_SUCCESS,
+            )
+            outcome.push(
+                Push(
+                    chat_id=chat_id,
+                    seq=doc["seq"],
+                    author=doc["user_id"],
+                    origin_node=entry.node,
+                    origin_conn=entry.conn,
+                    stored_at=stored_at,
+                    mine=push_mine,
+                    other=other,
+                )
+            )
+
+    async def _timed(self, op: str, awaitable: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await awaitable
+        finally:
+            self.metrics.mongo_seconds.labels(op).observe(time.perf_counter() - started)
+
+
+def _is_duplicate(exc: Exception) -> bool:
+    from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+    if isinstance(exc, DuplicateKeyError):
+        return True
+    if isinstance(exc, BulkWriteError):
+        errors = exc.details.get("writeErrors", [])
+        return bool(errors) and all(e.get("code") == 11000 for e in errors)
+    return False

@@ -1,0 +1,180 @@
+"""MongoDB access: collections, indexes and every query the worker and admin CLI make.
+
+Data model (ARCHITECTURE.md): ``users`` {_id, username, avatar}; ``tokens`` {_id: sha256
+hex of the token, user_id, expires_at?}; ``chats`` {_id, title?, member_ids};
+``messages`` {_id: the stream entry's event id, chat_id, seq, user_id, username, avatar,
+type, text, file_url, created_at, client_msg_id?}.
+
+Uses PyMongo's native async API (``AsyncMongoClient``); Motor is deprecated by MongoDB
+in its favour.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+Doc = dict[str, Any]
+
+# Unique per chat: a stale partition owner that reuses a sequence id fails to insert.
+SEQ_INDEX = "chat_seq_unique"
+# Unique per (chat, author, client key): a client retry creates nothing new.
+CLIENT_KEY_INDEX = "client_msg_unique"
+
+
+def create_client(url: str, **kwargs: Any) -> AsyncMongoClient[Doc]:
+    """An async client with short timeouts: the worker retries rather than hangs."""
+    options: dict[str, Any] = {
+        "serverSelectionTimeoutMS": 3000,
+        "connectTimeoutMS": 3000,
+        "socketTimeoutMS": 10000,
+        "retryWrites": False,  # a standalone mongod has no retryable writes
+        "appname": "chat-worker",
+    }
+    options.update(kwargs)
+    return AsyncMongoClient(url, **options)
+
+
+class Store:
+    """The chat's collections in one database."""
+
+    def __init__(self, db: AsyncDatabase[Doc]) -> None:
+        self.db = db
+        self.users: AsyncCollection[Doc] = db["users"]
+        self.tokens: AsyncCollection[Doc] = db["tokens"]
+        self.chats: AsyncCollection[Doc] = db["chats"]
+        self.messages: AsyncCollection[Doc] = db["messages"]
+        self.counters: AsyncCollection[Doc] = db["counters"]
+
+    async def ensure_indexes(self) -> None:
+        """Create the indexes the code relies on (idempotent)."""
+        await self.messages.create_indexes(
+            [
+                IndexModel(
+                    [("chat_id", ASCENDING), ("seq", ASCENDING)], unique=True, name=SEQ_INDEX
+                ),
+                IndexModel(
+                    [("chat_id", ASCENDING), ("user_id", ASCENDING), ("client_msg_id", ASCENDING)],
+                    unique=True,
+                    name=CLIENT_KEY_INDEX,
+                    partialFilterExpression={"client_msg_id": {"$type": "string"}},
+                ),
+            ]
+        )
+        # Expired tokens are removed by MongoDB; the worker also checks expiry itself.
+        await self.tokens.create_indexes(
+            [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="token_expiry")]
+        )
+        await self.tokens.create_indexes([IndexModel([("user_id", ASCENDING)], name="token_user")])
+
+    async def ping(self) -> None:
+        """Raise when MongoDB does not answer."""
+        await self.db.command("ping")
+
+    # -- identity ----------------------------------------------------------------
+
+    async def tokens_by_digest(self, digests: Iterable[str]) -> dict[str, Doc]:
+        """Token documents by digest (only those that exist)."""
+        wanted = list(digests)
+        if not wanted:
+            return {}
+        return {doc["_id"]: doc async for doc in self.tokens.find({"_id": {"$in": wanted}})}
+
+    async def users_by_id(self, user_ids: Iterable[str]) -> dict[str, Doc]:
+        """User documents by id."""
+        wanted = list(user_ids)
+        if not wanted:
+            return {}
+        return {doc["_id"]: doc async for doc in self.users.find({"_id": {"$in": wanted}})}
+
+    async def chats_by_id(self, chat_ids: Iterable[str]) -> dict[str, Doc]:
+        """Chat documents by id (member_ids only)."""
+        wanted = list(chat_ids)
+        if not wanted:
+            return {}
+        cursor = self.chats.find({"_id": {"$in": wanted}}, {"member_ids": 1})
+        return {doc["_id"]: doc async for doc in cursor}
+
+    # -- messages ----------------------------------------------------------------
+
+    async def last_seq(self, chat_id: str) -> int:
+        """The highest sequence id stored in a chat (0 when empty)."""
+        doc = await self.messages.find_one(
+            {"chat_id": chat_id}, {"seq": 1}, sort=[("seq", DESCENDING)]
+        )
+        return int(doc["seq"]) if doc else 0
+
+    async def find_existing(
+        self, event_ids: Sequence[str], client_keys: Sequence[tuple[str, str, str]]
+    ) -> tuple[dict[str, Doc], dict[tuple[str, str, str], Doc]]:
+        """Messages already stored for these events or client keys (chat, user, client id)."""
+        clauses: list[Doc] = []
+        if event_ids:
+            clauses.append({"_id": {"$in": list(event_ids)}})
+        clauses.extend(
+            {"chat_id": chat, "user_id": user, "client_msg_id": key}
+            for chat, user, key in client_keys
+        )
+        by_event: dict[str, Doc] = {}
+        by_key: dict[tuple[str, str, str], Doc] = {}
+        if not clauses:
+            return by_event, by_key
+        async for doc in self.messages.find({"$or": clauses}):
+            by_event[doc["_id"]] = doc
+            if doc.get("client_msg_id") is not None:
+                by_key[(doc["chat_id"], doc["user_id"], doc["client_msg_id"])] = doc
+        return by_event, by_key
+
+    async def insert_messages(self, docs: Sequence[Doc]) -> None:
+        """Insert in order; stops at the first failure (the caller retries the rest)."""
+        if docs:
+            await self.messages.insert_many(list(docs), ordered=True)
+
+    async def history(
+        self,
+        chat_id: str,
+        *,
+        limit: int,
+        before: int | None = None,
+        after: int | None = None,
+    ) -> list[Doc]:
+        """A page of a chat, oldest first: after ``after`` (ascending) or the latest before
+        ``before`` (or the latest of all)."""
+        query: Doc = {"chat_id": chat_id}
+        bounds: Doc = {}
+        if after is not None:
+            bounds["$gt"] = after
+        if before is not None:
+            bounds["$lt"] = before
+        if bounds:
+            query["seq"] = bounds
+        if after is not None:
+            cursor = self.messages.find(query).sort("seq", ASCENDING).limit(limit)
+            return [doc async for doc in cursor]
+        cursor = self.messages.find(query).sort("seq", DESCENDING).limit(limit)
+        page = [doc async for doc in cursor]
+        page.reverse()
+        return page
+
+    # -- admin -------------------------------------------------------------------
+
+    async def next_id(self, name: str) -> str:
+        """The next free decimal id of a collection (``users`` or ``chats``)."""
+        collection = self.db[name]
+        while True:
+            doc = await self.counters.find_one_and_update(
+                {"_id": name}, {"$inc": {"n": 1}}, upsert=True, return_document=True
+            )
+            candidate = str(doc["n"])
+            if await collection.find_one({"_id": candidate}, {"_id": 1}) is None:
+                return candidate
+
+    @staticmethod
+    def now() -> int:
+        """Unix seconds, the seed's ``created_at``."""
+        return int(time.time())
