@@ -1,0 +1,110 @@
+"""Small helpers shared by the harness, the load generator and the peers."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import signal
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+# Histograms hold microseconds from 1 us to 10 minutes at 3 significant digits.
+HIST_MIN_US = 1
+HIST_MAX_US = 600_000_000
+HIST_DIGITS = 3
+
+# Percentiles reported everywhere.
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def new_hist() -> HdrHistogram:
+    """An empty latency histogram in microseconds."""
+    return HdrHistogram(HIST_MIN_US, HIST_MAX_US, HIST_DIGITS)
+
+
+def record(hist: HdrHistogram, micros: int) -> None:
+    """Record one latency, clamped into the histogram's range."""
+    if micros < HIST_MIN_US:
+        micros = HIST_MIN_US
+    elif micros > HIST_MAX_US:
+        micros = HIST_MAX_US
+    hist.record_value(micros)
+
+
+def encode_hist(hist: HdrHistogram) -> str:
+    """HdrHistogram's compressed base64 encoding as text (for JSON)."""
+    return hist.encode().decode("ascii")
+
+
+def merge_encoded(encoded: list[str]) -> HdrHistogram:
+    """One histogram holding every encoded histogram's values."""
+    total = new_hist()
+    for item in encoded:
+        if item:
+            total.decode_and_add(item.encode("ascii"))
+    return total
+
+
+def summarize(hist: HdrHistogram) -> dict[str, Any]:
+    """Count, percentiles and max in milliseconds (None when empty)."""
+    count = hist.get_total_count()
+    out: dict[str, Any] = {"count": count}
+    for p in PERCENTILES:
+        key = "p" + (f"{p:g}".replace(".", "_"))
+        out[key] = round(hist.get_value_at_percentile(p) / 1000.0, 3) if count else None
+    out["max"] = round(hist.get_max_value() / 1000.0, 3) if count else None
+    out["mean"] = round(hist.get_mean_value() / 1000.0, 3) if count else None
+    return out
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit; return the new limits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1_048_576
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def child_setup() -> None:
+    """``preexec_fn`` for every child we start: raised fd limit, dies with its parent."""
+    raise_nofile()
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    with contextlib.suppress(OSError):
+        os.setsid()  # Ctrl-C in a terminal reaches the harness only; it stops us in order.
+
+
+def make_text(sched_ns: int, gid: int, k: int, pad: int) -> str:
+    """Message text carrying the scheduled send time, sender and sequence number."""
+    head = f"t={sched_ns};s={gid};k={k};"
+    return head + "x" * pad if pad > 0 else head
+
+
+def parse_text(text: str) -> tuple[int, int, int] | None:
+    """(scheduled ns, sender gid, k) from a text made by :func:`make_text`."""
+    if not text.startswith("t="):
+        return None
+    try:
+        t, s, k, _ = text.split(";", 3)
+        return int(t[2:]), int(s[2:]), int(k[2:])
+    except ValueError:
+        return None
+
+
+def msg_key(gid: int, k: int) -> int:
+    """One int naming a message: sender gid and its k-th send."""
+    return (gid << 24) | k
+
+
+def split_key(key: int) -> tuple[int, int]:
+    """Inverse of :func:`msg_key`."""
+    return key >> 24, key & 0xFFFFFF

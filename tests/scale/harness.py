@@ -1,0 +1,929 @@
+"""Scale test harness: ``python -m tests.scale.harness --workload chat [--peers] ...``.
+
+For each target (the gateway ``ours``, and with ``--peers`` the python-socketio, Django
+Channels and bare aiohttp peers) it starts what the target needs on 127.0.0.1 (Redis,
+MongoDB, gateways and workers, or the peer processes), creates the users and chats, runs
+the open-loop load generators, samples CPU and memory of every process, verifies what was
+acknowledged, stored and delivered, and writes ``reports/<timestamp>-<workload>/`` with
+``report.json``, ``report.md`` and ``chart.png``. Exit status 1 when a run lost,
+duplicated or reordered messages (or a socket could not connect); 2 on a setup error.
+
+Every process it starts is bounded in time, registered with a watchdog and stopped at
+the end, also on Ctrl-C, SIGTERM and errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import queue
+import shlex
+import shutil
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.scale import report as reporting
+from tests.scale.common import merge_encoded, raise_nofile, summarize
+from tests.scale.procs import ROOT, Proc, Supervisor
+from tests.scale.verify import verify
+from tests.scale.workloads import (
+    PREFILL_USER,
+    Scenario,
+    chat_workload,
+    history_workload,
+    idle_workload,
+    rooms_workload,
+    with_rate,
+)
+
+TARGETS = ("ours", "socketio", "channels", "aiohttp")
+PEERS = ("socketio", "channels", "aiohttp")
+# What each target needs and how its load generator speaks to it.
+ADAPTER = {"ours": "ours", "socketio": "socketio", "channels": "ours", "aiohttp": "ours"}
+NEEDS_REDIS = {"ours": True, "socketio": True, "channels": True, "aiohttp": False}
+PYTHON = sys.executable
+
+
+class SetupFailed(RuntimeError):
+    """The system under test could not be started or did not become ready."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM: unwind like Ctrl-C so every child is stopped."""
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A text progress bar on stderr; one line every few seconds when not a tty."""
+
+    def __init__(self, label: str, total_s: float) -> None:
+        self.label = label
+        self.total = max(total_s, 0.001)
+        self.tty = sys.stderr.isatty()
+        self.last_print = 0.0
+        self.every = 0.5 if self.tty else 5.0
+
+    def update(self, elapsed: float, agg: dict[str, int], force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_print < self.every:
+            return
+        self.last_print = now
+        frac = min(1.0, max(0.0, elapsed / self.total))
+        width = 24
+        filled = int(frac * width)
+        bar = "#" * filled + "." * (width - filled)
+        text = (
+            f"{self.label} [{bar}] {elapsed:5.1f}/{self.total:.0f}s "
+            f"sent {agg.get('sent', 0)} ({agg.get('sent_per_s', 0)}/s) "
+            f"deliv {agg.get('deliveries', 0)} ({agg.get('deliveries_per_s', 0)}/s) "
+            f"hist {agg.get('history_ok', 0)} err {agg.get('errors', 0)} "
+            f"pending {agg.get('pending', 0)}"
+        )
+        if self.tty:
+            sys.stderr.write("\r" + text[:200].ljust(120))
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def say(text: str) -> None:
+    print(f"[scale] {text}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def http_status(url: str, timeout: float = 1.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (OSError, ValueError):
+        return None
+
+
+def tcp_open(port: int) -> bool:
+    import socket
+
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return True
+    return False
+
+
+def tail(path: Path | None, lines: int = 25) -> str:
+    if path is None:
+        return ""
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return "(no log)"
+
+
+def wait_ready(procs: list[Proc], check: Any, what: str, timeout: float) -> None:
+    """Wait until ``check(proc)`` is true for every process; fail if one exits."""
+    deadline = time.monotonic() + timeout
+    waiting = list(procs)
+    while waiting:
+        for proc in list(waiting):
+            if not proc.alive():
+                raise SetupFailed(
+                    f"{proc.name} exited with {proc.popen.returncode} before it was ready; "
+                    f"its log ({proc.log_path}):\n{tail(proc.log_path)}"
+                )
+            if check(proc):
+                waiting.remove(proc)
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            names = ", ".join(p.name for p in waiting)
+            raise SetupFailed(
+                f"{what} not ready within {timeout:.0f}s: {names}; last log lines of "
+                f"{waiting[0].name}:\n{tail(waiting[0].log_path)}"
+            )
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class Target:
+    """One system under test, started once and used for every step of the run."""
+
+    def __init__(self, name: str, args: argparse.Namespace, run_dir: Path, max_seconds: float):
+        self.name = name
+        self.args = args
+        self.dir = run_dir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = Path(args.data_dir) / run_dir.name / name
+        self.sup = Supervisor(self.dir, max_seconds)
+        self.urls: list[str] = []
+        self.redis_url = ""
+        self.mongo_url = ""
+        self.notes: list[str] = []
+        self.server_sockets = 0  # sockets per server process (for the idle workload)
+
+    @property
+    def adapter(self) -> str:
+        return ADAPTER[self.name]
+
+    def endpoints(self) -> int:
+        if self.name == "aiohttp":
+            return 1
+        return self.args.gateways
+
+    # ---- start
+
+    def start(self, scenario: Scenario) -> None:
+        from deploy.local.servers import free_port, mongo_server, redis_server
+
+        if NEEDS_REDIS[self.name]:
+            # The gateway's Redis is configured as shipped (AOF, fsync every second); the
+            # peers persist nothing, so theirs runs without AOF.
+            redis = redis_server(
+                free_port(), self.data_dir / "redis", appendonly=self.name == "ours"
+            ).start()
+            assert redis.process is not None
+            self.sup.adopt("redis", "redis", redis.process, redis.log_path)
+            self.redis_url = redis.url
+        if self.name == "ours":
+            mongo = mongo_server(free_port(), self.data_dir / "mongo").start(timeout=60)
+            assert mongo.process is not None
+            self.sup.adopt("mongod", "mongod", mongo.process, mongo.log_path)
+            self.mongo_url = mongo.url
+            self.seed_mongo(scenario)
+            self.start_ours()
+        elif self.name == "socketio":
+            self.start_socketio()
+        elif self.name == "channels":
+            self.start_channels()
+        elif self.name == "aiohttp":
+            self.start_aiohttp()
+
+    def start_ours(self) -> None:
+        from deploy.local.servers import free_port
+
+        args = self.args
+        base = {
+            "REDIS_URL": self.redis_url,
+            "MONGO_URL": self.mongo_url,
+            "PARTITIONS": str(args.partitions),
+            "LOG_LEVEL": args.log_level,
+            "REQUEST_TIMEOUT_SECONDS": str(args.request_timeout),
+            "GATEWAY_HOST": "127.0.0.1",
+        }
+        base.update(dict(kv.split("=", 1) for kv in args.env))
+        workers = []
+        for i in range(args.workers):
+            port = free_port()
+            env = dict(base, NODE_ID=f"scale-worker-{i}", WORKER_HTTP_PORT=str(port))
+            env["WORKER_HTTP_HOST"] = "127.0.0.1"
+            proc = self.sup.spawn(f"worker-{i}", "worker", [PYTHON, "-m", "worker"], env)
+            proc.extra["port"] = port
+            workers.append(proc)
+        gateways = []
+        for i in range(args.gateways):
+            port = free_port()
+            env = dict(
+                base,
+                NODE_ID=f"scale-gateway-{i}",
+                GATEWAY_PORT=str(port),
+                WORKER_HTTP_PORT=str(free_port()),
+            )
+            proc = self.sup.spawn(f"gateway-{i}", "gateway", [PYTHON, "-m", "gateway"], env)
+            proc.extra["port"] = port
+            gateways.append(proc)
+        wait_ready(
+            gateways,
+            lambda p: http_status(f"http://127.0.0.1:{p.extra['port']}/readyz") == 200,
+            "gateway /readyz",
+            args.ready_timeout,
+        )
+        # Workers: any HTTP answer on their port (health endpoint), and still running.
+        with contextlib.suppress(SetupFailed):
+            wait_ready(
+                workers,
+                lambda p: http_status(f"http://127.0.0.1:{p.extra['port']}/readyz") is not None,
+                "worker HTTP",
+                10,
+            )
+        for proc in workers:
+            if not proc.alive():
+                raise SetupFailed(f"{proc.name} exited; its log:\n{tail(proc.log_path)}")
+        self.urls = [f"ws://127.0.0.1:{p.extra['port']}/ws" for p in gateways]
+
+    def start_socketio(self) -> None:
+        from deploy.local.servers import free_port
+
+        procs = []
+        for i in range(self.args.gateways):
+            port = free_port()
+            env = {"REDIS_URL": self.redis_url, "PORT": str(port), "HOST": "127.0.0.1"}
+            proc = self.sup.spawn(
+                f"socketio-{i}", "peer", [PYTHON, "-m", "tests.scale.peers.socketio_peer"], env
+            )
+            proc.extra["port"] = port
+            procs.append(proc)
+        wait_ready(
+            procs,
+            lambda p: http_status(f"http://127.0.0.1:{p.extra['port']}/readyz") == 200,
+            "socketio peer",
+            self.args.ready_timeout,
+        )
+        self.urls = [f"ws://127.0.0.1:{p.extra['port']}/ws" for p in procs]
+        self.notes.append(
+            "python-socketio AsyncServer + AsyncRedisManager on aiohttp, "
+            f"{len(procs)} processes, stdlib json; acks return after the Redis publish"
+        )
+
+    def start_channels(self) -> None:
+        from deploy.local.servers import free_port
+
+        import importlib.util
+
+        ws_impl = "websockets" if importlib.util.find_spec("websockets") else "wsproto"
+        procs = []
+        for i in range(self.args.gateways):
+            port = free_port()
+            env = {
+                "REDIS_URL": self.redis_url,
+                "CHANNELS_LAYER": self.args.channels_layer,
+                "DJANGO_SETTINGS_MODULE": "tests.scale.peers.channels_settings",
+            }
+            argv = [
+                PYTHON, "-m", "uvicorn", "tests.scale.peers.channels_peer:application",
+                "--host", "127.0.0.1", "--port", str(port), "--lifespan", "off",
+                "--log-level", "warning", "--no-access-log", "--ws", ws_impl,
+                "--loop", "uvloop", "--backlog", "4096",
+            ]  # fmt: skip
+            proc = self.sup.spawn(f"channels-{i}", "peer", argv, env)
+            proc.extra["port"] = port
+            procs.append(proc)
+        wait_ready(procs, lambda p: tcp_open(p.extra["port"]), "channels peer", self.args.ready_timeout)
+        self.urls = [f"ws://127.0.0.1:{p.extra['port']}/ws" for p in procs]
+        layer = (
+            "RedisPubSubChannelLayer"
+            if self.args.channels_layer == "pubsub"
+            else "RedisChannelLayer (capacity 1000)"
+        )
+        self.notes.append(
+            f"Django Channels consumer + channels_redis {layer}, uvicorn --ws {ws_impl}, "
+            f"{len(procs)} processes, stdlib json"
+        )
+
+    def start_aiohttp(self) -> None:
+        from deploy.local.servers import free_port
+
+        port = free_port()
+        proc = self.sup.spawn(
+            "aiohttp-0",
+            "peer",
+            [PYTHON, "-m", "tests.scale.peers.aiohttp_peer"],
+            {"PORT": str(port), "HOST": "127.0.0.1"},
+        )
+        proc.extra["port"] = port
+        wait_ready(
+            [proc],
+            lambda p: http_status(f"http://127.0.0.1:{port}/readyz") == 200,
+            "aiohttp peer",
+            self.args.ready_timeout,
+        )
+        self.urls = [f"ws://127.0.0.1:{port}/ws"]
+        self.notes.append("one aiohttp process, in-memory rooms, orjson, no Redis (the Python ceiling)")
+
+    # ---- data
+
+    def mongo(self) -> Any:
+        from pymongo import MongoClient
+
+        return MongoClient(self.mongo_url, serverSelectionTimeoutMS=10_000)
+
+    def seed_mongo(self, scenario: Scenario) -> None:
+        import hashlib
+
+        t0 = time.monotonic()
+        client = self.mongo()
+        try:
+            db = client.get_default_database()
+            users = [{"_id": c["user_id"], "username": f"user{c['gid']}", "avatar": None} for c in scenario.clients]
+            users.append({"_id": PREFILL_USER, "username": "prefill", "avatar": None})
+            tokens = [
+                {"_id": hashlib.sha256(c["token"].encode()).hexdigest(), "user_id": c["user_id"]}
+                for c in scenario.clients
+            ]
+            chats = [
+                {"_id": chat, "title": f"scale {chat}", "member_ids": members}
+                for chat, members in scenario.chats.items()
+            ]
+            for name, docs in (("users", users), ("tokens", tokens), ("chats", chats)):
+                for i in range(0, len(docs), 5000):
+                    db[name].insert_many(docs[i : i + 5000], ordered=False)
+            now = int(time.time())
+            for chat, n in scenario.prefill.items():
+                batch = []
+                for seq in range(1, n + 1):
+                    batch.append(
+                        {
+                            "_id": f"prefill-{chat}-{seq}",
+                            "chat_id": chat,
+                            "seq": seq,
+                            "user_id": PREFILL_USER,
+                            "username": "prefill",
+                            "avatar": None,
+                            "type": "text",
+                            "text": f"prefill {seq}",
+                            "file_url": None,
+                            "created_at": now,
+                        }
+                    )
+                    if len(batch) == 5000:
+                        db.messages.insert_many(batch, ordered=False)
+                        batch = []
+                if batch:
+                    db.messages.insert_many(batch, ordered=False)
+        finally:
+            client.close()
+        say(
+            f"ours: created {len(scenario.clients)} users/tokens, {len(scenario.chats)} chats"
+            + (f", prefilled {sum(scenario.prefill.values())} messages" if scenario.prefill else "")
+            + f" in {time.monotonic() - t0:.1f}s"
+        )
+
+    def stored_messages(self, tag: str, chats: list[str]) -> dict[str, list[tuple[int, str | None]]]:
+        """Messages of this step, by chat: (seq, client_msg_id)."""
+        client = self.mongo()
+        try:
+            db = client.get_default_database()
+            out: dict[str, list[tuple[int, str | None]]] = {chat: [] for chat in chats}
+            cursor = db.messages.find(
+                {"client_msg_id": {"$regex": f"^{tag}-"}},
+                {"chat_id": 1, "seq": 1, "client_msg_id": 1, "_id": 0},
+            )
+            for doc in cursor:
+                out.setdefault(doc["chat_id"], []).append((int(doc["seq"]), doc.get("client_msg_id")))
+            return out
+        finally:
+            client.close()
+
+    def scrape_metrics(self, dest: Path) -> None:
+        for proc in self.sup.procs:
+            if proc.kind == "gateway" and proc.alive():
+                with contextlib.suppress(OSError, ValueError):
+                    url = f"http://127.0.0.1:{proc.extra['port']}/metrics"
+                    with urllib.request.urlopen(url, timeout=2) as resp:
+                        (dest / f"metrics-{proc.name}.txt").write_bytes(resp.read())
+
+    def close(self) -> None:
+        self.sup.close()
+        if not self.args.keep_data:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def cpu_by_kind(before: dict[int, dict[str, Any]], after: dict[int, dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for pid, end in after.items():
+        start = before.get(pid)
+        if start is None:
+            continue
+        out[end["kind"]] = out.get(end["kind"], 0.0) + (end["cpu_s"] - start["cpu_s"])
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def run_step(
+    target: Target,
+    scenario: Scenario,
+    tag: str,
+    args: argparse.Namespace,
+    label: str,
+    step_dir: Path,
+) -> dict[str, Any]:
+    """Connect every socket, run the measured window, drain, verify; the step's figures."""
+    step_dir.mkdir(parents=True, exist_ok=True)
+    n_procs = max(1, args.loadgen_procs)
+    duration = float(args.duration)
+    setup_timeout = args.setup_timeout + len(scenario.clients) / 50.0
+    baseline = target.sup.sample()
+    loadgens: list[Proc] = []
+    lines: queue.Queue[tuple[int, str, dict[str, Any]]] = queue.Queue()
+
+    def pump(index: int, proc: Proc) -> None:
+        stream = proc.popen.stdout
+        assert stream is not None
+        with contextlib.suppress(ValueError, OSError):
+            for line in stream:
+                word, _, rest = line.strip().partition(" ")
+                with contextlib.suppress(ValueError):
+                    lines.put((index, word, json.loads(rest) if rest else {}))
+        lines.put((index, "EOF", {}))
+
+    outs = []
+    for i in range(n_procs):
+        out = step_dir / f"loadgen-{i}.json"
+        outs.append(out)
+        plan = {
+            "proc": i,
+            "adapter": target.adapter,
+            "urls": target.urls,
+            "run_tag": tag,
+            "clients": [c for c in scenario.clients if c["gid"] % n_procs == i],
+            "duration": duration,
+            "drain": args.drain,
+            "text_bytes": args.text_bytes,
+            "history_limit": 50,
+            "join": True,
+            "join_timeout": 30,
+            "connect_concurrency": args.connect_concurrency,
+            "out": str(out),
+            "max_seconds": setup_timeout + duration + args.drain + 60,
+        }
+        plan_path = step_dir / f"plan-{i}.json"
+        plan_path.write_text(json.dumps(plan))
+        proc = target.sup.spawn(
+            f"loadgen-{tag}-{i}",
+            "loadgen",
+            [PYTHON, "-m", "tests.scale.loadgen", str(plan_path)],
+            pipe_io=True,
+        )
+        loadgens.append(proc)
+        threading.Thread(target=pump, args=(i, proc), daemon=True).start()
+
+    try:
+        # Setup: every load generator connects its sockets and joins their chats.
+        ready: dict[int, dict[str, Any]] = {}
+        eof: set[int] = set()
+        deadline = time.monotonic() + setup_timeout
+        while len(ready) < n_procs:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SetupFailed(f"load generators not ready within {setup_timeout:.0f}s")
+            try:
+                index, word, payload = lines.get(timeout=min(1.0, remaining))
+            except queue.Empty:
+                continue
+            if word == "READY":
+                ready[index] = payload
+            elif word == "EOF":
+                raise SetupFailed(
+                    f"loadgen {index} exited during setup:\n{tail(loadgens[index].log_path)}"
+                )
+        connected = sum(r["connected"] for r in ready.values())
+        joined = sum(r["joined"] for r in ready.values())
+        setup_s = max(r["setup_s"] for r in ready.values())
+        say(
+            f"{label}: {connected}/{len(scenario.clients)} sockets connected, {joined} joined "
+            f"in {setup_s:.1f}s"
+        )
+        if connected == 0:
+            raise SetupFailed(f"no socket could connect; loadgen log:\n{tail(loadgens[0].log_path)}")
+        after_connect = target.sup.sample()
+
+        # Measured window.
+        go_ns = time.monotonic_ns() + 500_000_000
+        for proc in loadgens:
+            assert proc.popen.stdin is not None
+            proc.popen.stdin.write(f"GO {go_ns}\n")
+            proc.popen.stdin.flush()
+        time.sleep(max(0.0, (go_ns - time.monotonic_ns()) / 1e9))
+        s0 = target.sup.sample()
+        progress = Progress(label, duration)
+        latest: dict[int, dict[str, Any]] = {}
+        samples: list[dict[str, Any]] = []
+        next_sample = time.monotonic() + 1.0
+        prev = s0
+        end = time.monotonic() + duration
+        done: set[int] = set()
+        while time.monotonic() < end:
+            with contextlib.suppress(queue.Empty):
+                index, word, payload = lines.get(timeout=0.2)
+                if word == "PROGRESS":
+                    latest[index] = payload
+                elif word in ("DONE", "EOF"):
+                    done.add(index)
+            elapsed = duration - (end - time.monotonic())
+            progress.update(elapsed, _sum(latest))
+            if time.monotonic() >= next_sample:
+                cur = target.sup.sample()
+                samples.append({"t": round(elapsed, 1), "cpu_s": cpu_by_kind(prev, cur)})
+                prev = cur
+                next_sample += 1.0
+        s1 = target.sup.sample()
+        progress.update(duration, _sum(latest), force=True)
+        progress.done()
+
+        # Drain and results.
+        final_deadline = time.monotonic() + args.drain + 30
+        while len(done) < n_procs and time.monotonic() < final_deadline:
+            with contextlib.suppress(queue.Empty):
+                index, word, payload = lines.get(timeout=0.5)
+                if word in ("DONE", "EOF"):
+                    done.add(index)
+        for proc in loadgens:
+            try:
+                proc.popen.wait(max(1.0, final_deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - a stuck load generator is stopped below
+                pass
+        s2 = target.sup.sample()
+        results = []
+        for i, out in enumerate(outs):
+            if not out.exists():
+                raise SetupFailed(f"loadgen {i} wrote no results:\n{tail(loadgens[i].log_path)}")
+            results.append(json.loads(out.read_bytes()))
+    finally:
+        for proc in loadgens:
+            target.sup.stop(proc, timeout=5)
+
+    # Verification.
+    stored = None
+    if target.name == "ours":
+        time.sleep(0.5)
+        stored = target.stored_messages(tag, list(scenario.chats))
+        target.scrape_metrics(step_dir)
+    verification = verify(results, stored)
+
+    # Figures.
+    counts: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    unanswered: dict[str, int] = {}
+    for r in results:
+        for k, v in r["counts"].items():
+            counts[k] = counts.get(k, 0) + v
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+        for k, v in r["unanswered"].items():
+            unanswered[k] = unanswered.get(k, 0) + v
+    hists = {
+        name: merge_encoded([r["hist"].get(name, "") for r in results])
+        for name in ("send_reply", "delivery", "history_reply", "join_reply", "send_lag")
+    }
+    cpu_window = cpu_by_kind(s0, s1)
+    cpu_total = cpu_by_kind(s0, s2)
+    server_kinds = [k for k in cpu_window if k != "loadgen"]
+    server_cpu = sum(cpu_window[k] for k in server_kinds)
+    loadgen_cpu = cpu_window.get("loadgen", 0.0)
+    sent = counts.get("sent", 0)
+    deliveries = counts.get("deliveries", 0)
+    # Memory: peak RSS (VmHWM) per process, and RSS growth per connected socket.
+    procs_mem = {}
+    for pid, info in s2.items():
+        procs_mem[info["name"]] = {
+            "kind": info["kind"],
+            "peak_rss_mb": round(info["hwm_kb"] / 1024, 1),
+            "rss_mb": round(info["rss_kb"] / 1024, 1),
+        }
+    per_conn: dict[str, float] = {}
+    for kind in {i["kind"] for i in after_connect.values()}:
+        if kind == "loadgen":
+            continue
+        grew = sum(
+            after_connect[pid]["rss_kb"] - baseline[pid]["rss_kb"]
+            for pid in after_connect
+            if pid in baseline and after_connect[pid]["kind"] == kind
+        )
+        per_conn[kind] = round(grew / max(1, connected), 2)
+    lg_rss = sum(r.get("rss_kb", 0) - r.get("rss_kb_start", 0) for r in ready.values())
+    per_conn["loadgen (client side)"] = round(lg_rss / max(1, connected), 2)
+    for r in results:
+        procs_mem[f"loadgen-{tag}-{r['proc']}"] = {
+            "kind": "loadgen",
+            "peak_rss_mb": round(r.get("maxrss_kb", 0) / 1024, 1),
+            "rss_mb": None,
+        }
+
+    step = {
+        "target": target.name,
+        "tag": tag,
+        "offered_send_rate": scenario.send_rate,
+        "offered_history_rate": scenario.history_rate,
+        "offered_deliveries_per_s": round(scenario.offered_deliveries, 1),
+        "duration_s": duration,
+        "sockets": len(scenario.clients),
+        "sockets_connected": connected,
+        "setup_s": setup_s,
+        "achieved": {
+            "sends_per_s": round(sent / duration, 1),
+            "acked_per_s": round(counts.get("acked", 0) / duration, 1),
+            "deliveries_per_s": round(deliveries / duration, 1),
+            "history_per_s": round(counts.get("history_ok", 0) / duration, 1),
+        },
+        "counts": counts,
+        "errors": errors,
+        "unanswered": unanswered,
+        "latency_ms": {name: summarize(h) for name, h in hists.items()},
+        "cpu_s_window": cpu_window,
+        "cpu_s_with_drain": cpu_total,
+        "cpu": {
+            "server_s": round(server_cpu, 3),
+            "loadgen_s": round(loadgen_cpu, 3),
+            "server_cores": round(server_cpu / duration, 3),
+            "loadgen_cores": round(loadgen_cpu / duration, 3),
+            "server_us_per_send": round(server_cpu * 1e6 / sent, 1) if sent else None,
+            "server_us_per_delivery": round(server_cpu * 1e6 / deliveries, 1) if deliveries else None,
+            "loadgen_us_per_send": round(loadgen_cpu * 1e6 / sent, 1) if sent else None,
+            "loadgen_us_per_delivery": round(loadgen_cpu * 1e6 / deliveries, 1) if deliveries else None,
+            "server_us_per_socket_second": round(server_cpu * 1e6 / (connected * duration), 3)
+            if connected
+            else None,
+        },
+        "memory": {"processes": procs_mem, "rss_kb_per_connection": per_conn},
+        "cpu_timeline": samples,
+        "verification": verification,
+        "passed": verification["passed"],
+    }
+    (step_dir / "step.json").write_text(json.dumps(step, indent=1))
+    return step
+
+
+def _sum(latest: dict[int, dict[str, Any]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for payload in latest.values():
+        for k, v in payload.items():
+            total[k] = total.get(k, 0) + int(v)
+    return total
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def build_scenario(args: argparse.Namespace, endpoints: int, workload: str) -> Scenario:
+    if workload == "chat":
+        return chat_workload(args.sockets or 1000, args.chat_size, args.rate or 500.0, endpoints)
+    if workload == "rooms":
+        return rooms_workload(
+            args.sockets or 2000, args.room_size, args.senders_per_room, args.rate or 40.0, endpoints
+        )
+    if workload == "idle":
+        return idle_workload(args.idle_sockets, endpoints, args.chat_size, not args.idle_no_join)
+    if workload == "history":
+        return history_workload(
+            args.history_prefill,
+            args.history_readers,
+            args.history_rate,
+            args.history_writers,
+            args.rate or 100.0,
+            args.chat_size,
+            endpoints,
+        )
+    raise ValueError(workload)
+
+
+def sweep_rates(args: argparse.Namespace, base: float) -> list[float]:
+    if args.sweep_rates:
+        return [float(x) for x in args.sweep_rates.split(",") if x.strip()]
+    rates = []
+    rate = base
+    for _ in range(args.sweep_max_steps):
+        rates.append(round(rate, 1))
+        rate *= args.sweep_factor
+    return rates
+
+
+def step_ok(step: dict[str, Any], slo_ms: float) -> tuple[bool, str]:
+    """Whether a sweep step is sustainable, and why not."""
+    lat = step["latency_ms"]
+    if not step["passed"]:
+        return False, "integrity: " + ",".join(step["verification"]["failures"])
+    for name in ("send_reply", "delivery"):
+        p99 = lat[name]["p99"]
+        if p99 is not None and p99 > slo_ms:
+            return False, f"{name} p99 {p99:g} ms > {slo_ms:g} ms"
+    errors = sum(step["errors"].values())
+    sent = max(1, step["counts"].get("sent", 0))
+    if errors / sent > 0.001:
+        return False, f"{errors} error replies ({100 * errors / sent:.2f}% of sends)"
+    offered = step["offered_send_rate"]
+    if offered and step["achieved"]["acked_per_s"] < 0.95 * offered:
+        return False, f"acked {step['achieved']['acked_per_s']}/s < 95% of offered {offered:g}/s"
+    return True, "ok"
+
+
+def run_target(
+    name: str, args: argparse.Namespace, run_dir: Path, report_dir: Path
+) -> dict[str, Any]:
+    """Start one target, run the workload's step(s) on it, stop it."""
+    workload = args.sweep_of if args.workload == "sweep" else args.workload
+    endpoints = 1 if name == "aiohttp" else args.gateways
+    scenario = build_scenario(args, endpoints, workload)
+    rates = sweep_rates(args, scenario.send_rate) if args.workload == "sweep" else [scenario.send_rate]
+    steps_budget = len(rates) * (args.setup_timeout + len(scenario.clients) / 50 + args.duration + args.drain + 90)
+    target = Target(name, args, run_dir, args.ready_timeout * 2 + steps_budget + 300)
+    out: dict[str, Any] = {"target": name, "workload": workload, "description": scenario.description}
+    try:
+        say(f"{name}: starting ({scenario.description})")
+        t0 = time.monotonic()
+        target.start(scenario)
+        out["start_s"] = round(time.monotonic() - t0, 1)
+        out["urls"] = target.urls
+        steps = []
+        for i, rate in enumerate(rates):
+            step_scenario = scenario if rate == scenario.send_rate else with_rate(scenario, rate)
+            tag = f"s{i}"
+            label = f"{name} {workload}" + (f" @{rate:g}/s" if args.workload == "sweep" else "")
+            step = run_step(target, step_scenario, tag, args, label, report_dir / "steps" / f"{name}-{tag}")
+            if args.workload == "sweep":
+                ok, why = step_ok(step, args.slo_p99_ms)
+                step["sustainable"] = ok
+                step["verdict"] = why
+                say(f"{label}: {'sustainable' if ok else 'NOT sustainable'} ({why})")
+            steps.append(step)
+            _print_step(step)
+            if args.workload == "sweep" and not step["sustainable"]:
+                break
+        out["steps"] = steps
+        out["notes"] = target.notes
+        if args.workload == "sweep":
+            good = [s["offered_send_rate"] for s in steps if s.get("sustainable")]
+            out["sustainable_send_rate"] = max(good) if good else None
+        out["passed"] = all(s["passed"] for s in steps)
+    except SetupFailed as exc:
+        say(f"{name}: SETUP FAILED: {exc}")
+        out["setup_error"] = str(exc)
+        out["passed"] = False
+        out["steps"] = []
+    finally:
+        target.close()
+    return out
+
+
+def _print_step(step: dict[str, Any]) -> None:
+    lat = step["latency_ms"]
+    ach = step["achieved"]
+    v = step["verification"]
+
+    def p(name: str) -> str:
+        s = lat[name]
+        if not s["count"]:
+            return "-"
+        return f"p50 {s['p50']} p99 {s['p99']} max {s['max']} ms"
+
+    say(
+        f"  {step['target']}: sends {ach['sends_per_s']}/s (offered {step['offered_send_rate']:g}) "
+        f"acked {ach['acked_per_s']}/s deliveries {ach['deliveries_per_s']}/s; "
+        f"reply {p('send_reply')}; delivery {p('delivery')}"
+        + (f"; history {p('history_reply')}" if lat["history_reply"]["count"] else "")
+    )
+    say(
+        f"  server CPU {step['cpu']['server_cores']} cores, loadgen {step['cpu']['loadgen_cores']} cores; "
+        f"errors {step['errors'] or 0}; verification {'PASSED' if v['passed'] else 'FAILED ' + str(v['failures'])}"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tests.scale.harness",
+        description="Load test of the chat gateway (and, with --peers, comparison stacks).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--workload", choices=("chat", "rooms", "idle", "history", "sweep"), default="chat")
+    p.add_argument("--peers", action="store_true", help="also run the socketio, channels and aiohttp peers")
+    p.add_argument("--targets", default="", help="comma list from ours,socketio,channels,aiohttp (overrides --peers)")
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per step")
+    p.add_argument("--rate", type=float, default=0.0, help="offered send_message/s in total (workload default when 0: chat 500, rooms 40, history writes 100)")
+    p.add_argument("--gateways", type=int, default=2, help="gateway processes (and socketio/channels peer processes)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--loadgen-procs", type=int, default=1, help="load generator processes")
+    p.add_argument("--sockets", type=int, default=0, help="sockets (workload default when 0: chat 1000, rooms 2000)")
+    p.add_argument("--chat-size", type=int, default=5)
+    p.add_argument("--room-size", type=int, default=200)
+    p.add_argument("--senders-per-room", type=int, default=2)
+    p.add_argument("--idle-sockets", type=int, default=2000, help="idle: sockets per server process")
+    p.add_argument("--idle-no-join", action="store_true", help="idle: connect only, join no chat")
+    p.add_argument("--history-prefill", type=int, default=20000)
+    p.add_argument("--history-readers", type=int, default=20)
+    p.add_argument("--history-rate", type=float, default=200.0)
+    p.add_argument("--history-writers", type=int, default=200)
+    p.add_argument("--sweep-of", choices=("chat", "rooms"), default="chat")
+    p.add_argument("--sweep-rates", default="", help="comma list of offered rates (else start at --rate, times --sweep-factor)")
+    p.add_argument("--sweep-factor", type=float, default=1.5)
+    p.add_argument("--sweep-max-steps", type=int, default=6)
+    p.add_argument("--slo-p99-ms", type=float, default=50.0)
+    p.add_argument("--text-bytes", type=int, default=64)
+    p.add_argument("--drain", type=float, default=10.0, help="max seconds to wait for replies after the window")
+    p.add_argument("--partitions", type=int, default=16)
+    p.add_argument("--request-timeout", type=float, default=5.0)
+    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env for gateways and workers")
+    p.add_argument("--channels-layer", choices=("core", "pubsub"), default="core")
+    p.add_argument("--connect-concurrency", type=int, default=64)
+    p.add_argument("--setup-timeout", type=float, default=60.0)
+    p.add_argument("--ready-timeout", type=float, default=60.0)
+    p.add_argument("--out", default="reports")
+    p.add_argument("--data-dir", default=".var/scale")
+    p.add_argument("--keep-data", action="store_true")
+    args = p.parse_args(argv)
+    if args.workload == "history" and args.history_prefill < 51:
+        p.error("--history-prefill must be at least 51")
+    return args
+
+
+def choose_targets(args: argparse.Namespace) -> list[str]:
+    if args.targets:
+        names = [t.strip() for t in args.targets.split(",") if t.strip()]
+        bad = [t for t in names if t not in TARGETS]
+        if bad:
+            raise SystemExit(f"unknown target(s) {bad}; choose from {TARGETS}")
+        return names
+    names = ["ours"] + (list(PEERS) if args.peers else [])
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_nofile()
+    os.chdir(ROOT)
+    targets = choose_targets(args)
+    workload = args.sweep_of if args.workload == "sweep" else args.workload
+    if args.workload == "history":
+        skipped = [t for t in targets if t != "ours"]
+        if skipped:
+            say(f"history: peers store nothing, skipping {skipped}")
+        targets = [t for t in targets if t == "ours"]
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    report_dir = Path(args.out) / f"{stamp}-{args.workload}"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = report_dir  # logs and plans live next to the report
+    command = "python -m tests.scale.harness " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Interrupted()
+
+    signal.signal(signal.SIGTERM, on_term)
+    results = []
+    started = time.monotonic()
+    interrupted = False
+    try:
+        for name in targets:
+            results.append(run_target(name, args, run_dir, report_dir))
+    except (KeyboardInterrupt, Interrupted):
+        interrupted = True
+        say("interrupted: every process of the run was stopped")
+    report = reporting.build(args, workload, targets, results, command, time.monotonic() - started)
+    report["interrupted"] = interrupted
+    reporting.write(report, report_dir)
+    print(reporting.summary(report, report_dir))
+    if interrupted:
+        return 130
+    if any(r.get("setup_error") for r in results):
+        return 2
+    return 0 if all(r["passed"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

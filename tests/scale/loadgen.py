@@ -1,0 +1,658 @@
+"""Open-loop WebSocket load generator: one process, the clients of one plan file.
+
+Run by the harness as ``python -m tests.scale.loadgen PLAN.json`` (one process per core
+it is given). Protocol with the harness, one line each on stdout/stdin:
+
+* it prints ``READY {...}`` once every client is connected and has joined its chats
+  (a ``get_history`` per chat, so the socket is authorised and receives pushes);
+* it waits for ``GO <monotonic_ns>`` on stdin: the start of the measured window;
+* every second it prints ``PROGRESS {...}``; at the end it writes the results file named
+  in the plan and prints ``DONE``.
+
+Open loop: every send has a place on a fixed timetable (``start + phase + n / rate``) and
+is written when its time comes whether or not earlier sends were answered. Latencies are
+measured from the *scheduled* time, so a stalled server or a stalled load generator shows
+up in the numbers instead of silently lowering the offered rate (no coordinated
+omission). ``send_lag`` records how late the generator itself was in writing each send.
+
+Clocks: ``time.monotonic_ns()`` (CLOCK_MONOTONIC, one clock for every process of a Linux
+machine), so a delivery measured in another load generator process is comparable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import resource
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import orjson
+
+from tests.scale.common import (
+    encode_hist,
+    make_text,
+    msg_key,
+    new_hist,
+    parse_text,
+    raise_nofile,
+    record,
+)
+
+HIST_NAMES = ("send_reply", "delivery", "history_reply", "join_reply", "send_lag")
+
+
+class Stats:
+    """Everything one process measures."""
+
+    def __init__(self) -> None:
+        self.hist = {name: new_hist() for name in HIST_NAMES}
+        self.counts: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        # Per-second counters of the measured window (index: whole seconds since GO).
+        self.timeline: dict[int, Counter[str]] = {}
+        self.start_ns = 0
+        self.end_ns = 0
+
+    def tick(self, name: str, now_ns: int) -> None:
+        if self.start_ns:
+            second = (now_ns - self.start_ns) // 1_000_000_000
+            bucket = self.timeline.get(second)
+            if bucket is None:
+                bucket = self.timeline[second] = Counter()
+            bucket[name] += 1
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+class OursAdapter:
+    """The gateway's JSON frames over a plain WebSocket (also the aiohttp/Channels peers)."""
+
+    name = "ours"
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+
+    async def connect(self, url: str) -> aiohttp.ClientWebSocketResponse:
+        return await self.session.ws_connect(
+            url, autoping=True, max_msg_size=16 * 1024 * 1024, compress=0
+        )
+
+    async def handshake(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        return None
+
+    async def send(
+        self, ws: aiohttp.ClientWebSocketResponse, frame: dict[str, Any], rid: int
+    ) -> None:
+        await ws.send_str(orjson.dumps(frame).decode())
+
+    def decode(self, ws: aiohttp.ClientWebSocketResponse, data: str | bytes) -> list[dict[str, Any]]:
+        frame = orjson.loads(data)
+        return [frame] if isinstance(frame, dict) else []
+
+
+class SocketIOAdapter:
+    """engine.io v4 / socket.io v5 over one WebSocket, written by hand.
+
+    ``0{...}`` open -> send ``40`` -> wait ``40{...}``; ping ``2`` -> pong ``3``;
+    requests are ``42<ack>["<event_type>", frame]``, replies ``43<ack>[reply]``,
+    pushes ``42["message", push]``. The frames inside are the same as ``ours``.
+    """
+
+    name = "socketio"
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+
+    async def connect(self, url: str) -> aiohttp.ClientWebSocketResponse:
+        base = url.rstrip("/")
+        if base.endswith("/ws"):
+            base = base[: -len("/ws")]
+        return await self.session.ws_connect(
+            base + "/socket.io/?EIO=4&transport=websocket",
+            autoping=True,
+            max_msg_size=16 * 1024 * 1024,
+            compress=0,
+        )
+
+    async def handshake(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        first = await ws.receive(timeout=15)
+        if first.type != aiohttp.WSMsgType.TEXT or not first.data.startswith("0"):
+            raise ConnectionError(f"engine.io: expected open packet, got {first.data!r:.80}")
+        await ws.send_str("40")
+        while True:
+            msg = await ws.receive(timeout=15)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                raise ConnectionError(f"socket.io: connection closed during connect ({msg.type})")
+            if msg.data == "2":
+                await ws.send_str("3")
+                continue
+            if msg.data.startswith("40"):
+                return
+            if msg.data.startswith("44"):
+                raise ConnectionError(f"socket.io: connect refused {msg.data[:120]}")
+
+    async def send(
+        self, ws: aiohttp.ClientWebSocketResponse, frame: dict[str, Any], rid: int
+    ) -> None:
+        payload = orjson.dumps([frame["event_type"], frame]).decode()
+        await ws.send_str(f"42{rid}{payload}")
+
+    def decode(self, ws: aiohttp.ClientWebSocketResponse, data: str | bytes) -> list[dict[str, Any]]:
+        if isinstance(data, bytes):
+            data = data.decode()
+        if data == "2":  # engine.io ping: answer without blocking the reader
+            asyncio.ensure_future(ws.send_str("3"))
+            return []
+        if data.startswith("43"):
+            i = 2
+            while i < len(data) and data[i].isdigit():
+                i += 1
+            args = orjson.loads(data[i:])
+            reply = args[0] if args else {}
+            if isinstance(reply, dict):
+                reply["request_id"] = data[2:i]
+                return [reply]
+            return []
+        if data.startswith("42"):
+            args = orjson.loads(data[2:])
+            if len(args) >= 2 and isinstance(args[1], dict):
+                return [args[1]]
+        return []
+
+
+ADAPTERS = {"ours": OursAdapter, "socketio": SocketIOAdapter}
+
+
+# --------------------------------------------------------------------------- clients
+
+
+class Client:
+    """One socket: its identity, chats, send timetables and what it received."""
+
+    __slots__ = (
+        "acked",
+        "chats",
+        "gid",
+        "history",
+        "joined",
+        "next_rid",
+        "pending",
+        "recv_ids",
+        "recv_keys",
+        "sends",
+        "token",
+        "url",
+        "user_id",
+        "ws",
+    )
+
+    def __init__(self, spec: dict[str, Any], urls: list[str]) -> None:
+        self.gid: int = spec["gid"]
+        self.user_id: str = spec["user_id"]
+        self.token: str = spec["token"]
+        self.url = urls[spec["url"] % len(urls)]
+        self.chats: list[str] = spec["chats"]
+        self.sends: list[list[Any]] = spec.get("sends", [])  # [chat, rate, phase_s]
+        self.history: list[list[Any]] = spec.get("history", [])  # [chat, rate, phase_s, max_id]
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.next_rid = 0
+        # request id -> (scheduled ns, kind, chat, key)
+        self.pending: dict[str, tuple[int, str, str, int]] = {}
+        self.recv_ids: dict[str, list[int]] = {c: [] for c in self.chats}
+        self.recv_keys: dict[str, list[int]] = {c: [] for c in self.chats}
+        self.acked: list[list[Any]] = []  # [chat, id, client_msg_id, key]
+        self.joined: dict[str, asyncio.Future[bool]] = {}
+
+    def rid(self) -> int:
+        self.next_rid += 1
+        return self.next_rid
+
+
+class LoadGen:
+    """One process's clients, their reader and sender tasks, and the results file."""
+
+    def __init__(self, plan: dict[str, Any]) -> None:
+        self.plan = plan
+        self.tag: str = plan["run_tag"]
+        self.stats = Stats()
+        self.clients = [Client(spec, plan["urls"]) for spec in plan["clients"]]
+        self.pad = max(0, int(plan.get("text_bytes", 64)) - 40)
+        self.history_limit = int(plan.get("history_limit", 50))
+        self.last_frame_ns = 0
+        self.measuring = False
+        self.stopping = False
+        self.adapter: Any = None
+        self.session: aiohttp.ClientSession | None = None
+        self.readers: list[asyncio.Task[None]] = []
+
+    # ---- frames in
+
+    def on_frame(self, client: Client, frame: dict[str, Any], now: int) -> None:
+        stats = self.stats
+        self.last_frame_ns = now
+        rid = frame.get("request_id")
+        if rid is not None:
+            pending = client.pending.pop(str(rid), None)
+            if pending is None:
+                stats.counts["unexpected_reply"] += 1
+                return
+            sched, kind, chat, key = pending
+            ok = frame.get("type") == "success"
+            if kind == "join":
+                fut = client.joined.get(chat)
+                if ok:
+                    record(stats.hist["join_reply"], (now - sched) // 1000)
+                else:
+                    stats.errors["join_" + str(frame.get("type"))] += 1
+                if fut is not None and not fut.done():
+                    fut.set_result(ok)
+                return
+            if not ok:
+                stats.errors[f"{kind}:{frame.get('type')}"] += 1
+                stats.tick("error", now)
+                return
+            if kind == "send":
+                record(stats.hist["send_reply"], (now - sched) // 1000)
+                stats.counts["acked"] += 1
+                stats.tick("acked", now)
+                messages = frame.get("messages") or []
+                if messages:
+                    m = messages[0]
+                    mid = _int_id(m.get("id"))
+                    client.acked.append([chat, mid, m.get("client_msg_id"), key])
+                else:
+                    client.acked.append([chat, None, None, key])
+            elif kind == "history":
+                record(stats.hist["history_reply"], (now - sched) // 1000)
+                stats.counts["history_ok"] += 1
+                stats.tick("history_ok", now)
+                messages = frame.get("messages") or []
+                ids = sorted(_int_id(m.get("id")) or 0 for m in messages)
+                want = list(range(key - self.history_limit, key))
+                if ids != want:
+                    stats.counts["history_wrong"] += 1
+            return
+        # A push: no request id.
+        if frame.get("type") != "success":
+            stats.errors["push:" + str(frame.get("type"))] += 1
+            return
+        for m in frame.get("messages") or ():
+            chat = m.get("chat_id")
+            chat = str(chat) if chat is not None else ""
+            parsed = parse_text(m.get("text") or "")
+            if parsed is None:
+                stats.counts["push_unparsed"] += 1
+                continue
+            sched, gid, k = parsed
+            record(stats.hist["delivery"], (now - sched) // 1000)
+            stats.counts["deliveries"] += 1
+            stats.tick("deliveries", now)
+            if now > stats.end_ns and stats.end_ns:
+                stats.counts["deliveries_after_window"] += 1
+            ids = client.recv_ids.get(chat)
+            if ids is None:
+                stats.counts["push_foreign_chat"] += 1
+                continue
+            ids.append(_int_id(m.get("id")) or -1)
+            client.recv_keys[chat].append(msg_key(gid, k))
+
+    async def reader(self, client: Client) -> None:
+        ws = client.ws
+        assert ws is not None
+        decode = self.adapter.decode
+        try:
+            async for msg in ws:
+                if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                    now = time.monotonic_ns()
+                    try:
+                        frames = decode(ws, msg.data)
+                    except (ValueError, IndexError):
+                        self.stats.counts["undecodable_frame"] += 1
+                        continue
+                    for frame in frames:
+                        self.on_frame(client, frame, now)
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    break
+        except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError):
+            pass
+        if not self.stopping:
+            self.stats.counts["disconnects"] += 1
+            for fut in client.joined.values():
+                if not fut.done():
+                    fut.set_result(False)
+
+    # ---- frames out
+
+    def frame(self, client: Client, kind: str, chat: str, rid: int, **extra: Any) -> dict[str, Any]:
+        event = "send_message" if kind == "send" else "get_history"
+        frame: dict[str, Any] = {
+            "chat_id": chat,
+            "token": client.token,
+            "event_type": event,
+            "message": None,
+            "request_id": str(rid),
+        }
+        frame.update(extra)
+        return frame
+
+    async def write(self, client: Client, frame: dict[str, Any], rid: int) -> bool:
+        ws = client.ws
+        if ws is None or ws.closed:
+            self.stats.errors["send_on_closed_socket"] += 1
+            return False
+        try:
+            await self.adapter.send(ws, frame, rid)
+        except (aiohttp.ClientError, ConnectionError, RuntimeError):
+            self.stats.errors["send_failed"] += 1
+            return False
+        return True
+
+    async def join(self, client: Client, timeout: float) -> bool:
+        for chat in client.chats:
+            rid = client.rid()
+            fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            client.joined[chat] = fut
+            client.pending[str(rid)] = (time.monotonic_ns(), "join", chat, 0)
+            frame = self.frame(client, "join", chat, rid)
+            if not await self.write(client, frame, rid):
+                return False
+            try:
+                if not await asyncio.wait_for(fut, timeout):
+                    return False
+            except asyncio.TimeoutError:
+                self.stats.errors["join_timeout"] += 1
+                return False
+        return True
+
+    async def sender(self, client: Client, chat: str, rate: float, phase: float) -> None:
+        stats = self.stats
+        interval = 1e9 / rate
+        start, end = stats.start_ns, stats.end_ns
+        n = 0
+        tag = self.tag
+        while True:
+            sched = start + int(phase * 1e9 + n * interval)
+            if sched >= end or self.stopping:
+                return
+            ref = await _wait_until(sched)
+            n += 1
+            rid = client.rid()
+            key = msg_key(client.gid, n)
+            message = {
+                "type": "text",
+                "text": make_text(ref, client.gid, n, self.pad),
+                "client_msg_id": f"{tag}-{client.gid}-{n}",
+            }
+            frame = self.frame(client, "send", chat, rid, message=message)
+            client.pending[str(rid)] = (ref, "send", chat, key)
+            record(stats.hist["send_lag"], (time.monotonic_ns() - sched) // 1000)
+            stats.counts["sent"] += 1
+            stats.tick("sent", sched)
+            if not await self.write(client, frame, rid):
+                client.pending.pop(str(rid), None)
+                return
+
+    async def history_reader(
+        self, client: Client, chat: str, rate: float, phase: float, max_id: int
+    ) -> None:
+        stats = self.stats
+        interval = 1e9 / rate
+        start, end = stats.start_ns, stats.end_ns
+        rng = random.Random(client.gid)
+        n = 0
+        low = self.history_limit + 1
+        while True:
+            sched = start + int(phase * 1e9 + n * interval)
+            if sched >= end or self.stopping:
+                return
+            ref = await _wait_until(sched)
+            n += 1
+            rid = client.rid()
+            before = rng.randint(low, max_id + 1) if max_id + 1 >= low else max_id + 1
+            frame = self.frame(
+                client,
+                "history",
+                chat,
+                rid,
+                message={"limit": self.history_limit, "before_id": str(before)},
+            )
+            client.pending[str(rid)] = (ref, "history", chat, before)
+            stats.counts["history_sent"] += 1
+            stats.tick("history_sent", sched)
+            if not await self.write(client, frame, rid):
+                client.pending.pop(str(rid), None)
+                return
+
+    # ---- phases
+
+    async def connect_all(self) -> None:
+        plan = self.plan
+        limit = asyncio.Semaphore(int(plan.get("connect_concurrency", 64)))
+        join_timeout = float(plan.get("join_timeout", 30))
+
+        async def one(client: Client) -> None:
+            async with limit:
+                for attempt in range(3):
+                    try:
+                        ws = await self.adapter.connect(client.url)
+                        await self.adapter.handshake(ws)
+                        client.ws = ws
+                        break
+                    except (aiohttp.ClientError, ConnectionError, OSError, asyncio.TimeoutError):
+                        self.stats.counts["connect_retries"] += 1
+                        await asyncio.sleep(0.2 * (attempt + 1))
+                if client.ws is None:
+                    self.stats.counts["connect_failed"] += 1
+                    return
+                self.readers.append(asyncio.create_task(self.reader(client)))
+            if client.chats and plan.get("join", True):
+                if await self.join(client, join_timeout):
+                    self.stats.counts["joined"] += 1
+                else:
+                    self.stats.counts["join_failed"] += 1
+
+        await asyncio.gather(*(one(c) for c in self.clients))
+        self.stats.counts["connected"] = sum(1 for c in self.clients if c.ws is not None)
+
+    async def progress(self) -> None:
+        last = Counter(self.stats.counts)
+        while True:
+            await asyncio.sleep(1.0)
+            counts = self.stats.counts
+            errors = sum(self.stats.errors.values())
+            line = {
+                "sent": counts["sent"],
+                "acked": counts["acked"],
+                "deliveries": counts["deliveries"],
+                "history_ok": counts["history_ok"],
+                "errors": errors,
+                "disconnects": counts["disconnects"],
+                "pending": sum(len(c.pending) for c in self.clients),
+                "sent_per_s": counts["sent"] - last["sent"],
+                "deliveries_per_s": counts["deliveries"] - last["deliveries"],
+            }
+            last = Counter(counts)
+            _say("PROGRESS", line)
+
+    async def run(self) -> None:
+        plan = self.plan
+        connector = aiohttp.TCPConnector(limit=0, force_close=False)
+        self.session = aiohttp.ClientSession(connector=connector)
+        self.adapter = ADAPTERS[plan["adapter"]](self.session)
+        try:
+            t0 = time.monotonic()
+            rss_start = _rss_kb()
+            await self.connect_all()
+            ready = {
+                "connected": self.stats.counts["connected"],
+                "connect_failed": self.stats.counts["connect_failed"],
+                "joined": self.stats.counts["joined"],
+                "join_failed": self.stats.counts["join_failed"],
+                "setup_s": round(time.monotonic() - t0, 2),
+                "rss_kb": _rss_kb(),
+                "rss_kb_start": rss_start,
+            }
+            _say("READY", ready)
+            line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            if not line.startswith("GO"):
+                raise SystemExit("loadgen: harness went away before GO")
+            stats = self.stats
+            stats.start_ns = int(line.split()[1])
+            stats.end_ns = stats.start_ns + int(float(plan["duration"]) * 1e9)
+            cpu0 = os.times()
+            progress = asyncio.create_task(self.progress())
+            tasks = []
+            for client in self.clients:
+                if client.ws is None:
+                    continue
+                for chat, rate, phase in client.sends:
+                    tasks.append(asyncio.create_task(self.sender(client, chat, rate, phase)))
+                for chat, rate, phase, max_id in client.history:
+                    tasks.append(
+                        asyncio.create_task(self.history_reader(client, chat, rate, phase, max_id))
+                    )
+            now = time.monotonic_ns()
+            if stats.end_ns > now:
+                await asyncio.sleep((stats.end_ns - now) / 1e9)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            cpu1 = os.times()
+            # Drain: wait for outstanding replies and for the pushes to stop arriving.
+            drain_deadline = time.monotonic() + float(plan.get("drain", 10))
+            quiet_ns = int(float(plan.get("quiet", 1.5)) * 1e9)
+            while time.monotonic() < drain_deadline:
+                pending = sum(len(c.pending) for c in self.clients)
+                if pending == 0 and time.monotonic_ns() - self.last_frame_ns > quiet_ns:
+                    break
+                await asyncio.sleep(0.1)
+            progress.cancel()
+            self.stopping = True
+            self.write_results(cpu0, cpu1)
+        finally:
+            self.stopping = True
+            for client in self.clients:
+                if client.ws is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(client.ws.close(), 1.0)
+            for task in self.readers:
+                task.cancel()
+            await self.session.close()
+
+    def write_results(self, cpu0: os.times_result, cpu1: os.times_result) -> None:
+        stats = self.stats
+        unanswered: Counter[str] = Counter()
+        for client in self.clients:
+            for _sched, kind, _chat, _key in client.pending.values():
+                if kind != "join":
+                    unanswered[kind] += 1
+        counts = dict(stats.counts)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        result = {
+            "proc": self.plan["proc"],
+            "adapter": self.plan["adapter"],
+            "run_tag": self.tag,
+            "duration": self.plan["duration"],
+            "counts": counts,
+            "unanswered": dict(unanswered),
+            "errors": dict(stats.errors),
+            "hist": {name: encode_hist(h) for name, h in stats.hist.items()},
+            "timeline": {str(k): dict(v) for k, v in sorted(stats.timeline.items())},
+            "cpu_window_s": round(
+                (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 3
+            ),
+            "cpu_total_s": round(usage.ru_utime + usage.ru_stime, 3),
+            "maxrss_kb": usage.ru_maxrss,
+            "clients": [
+                {
+                    "gid": c.gid,
+                    "user_id": c.user_id,
+                    "connected": c.ws is not None,
+                    "chats": c.chats,
+                    "recv_ids": c.recv_ids,
+                    "recv_keys": c.recv_keys,
+                    "acked": c.acked,
+                }
+                for c in self.clients
+            ],
+        }
+        out = self.plan["out"]
+        tmp = out + ".tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(orjson.dumps(result))
+        os.replace(tmp, out)
+
+
+async def _wait_until(sched: int) -> int:
+    """Sleep until ``sched`` (monotonic ns); return the latency reference time.
+
+    Event loop timers have millisecond resolution and fire up to 1 ms late, which
+    would add up to 1 ms to every measured latency. So we wake up to 1 ms early and
+    measure from ``min(scheduled, actual)``: a late send is still measured from its
+    scheduled time (no coordinated omission), an early one from when it was written.
+    """
+    now = time.monotonic_ns()
+    if sched - now > 1_000_000:
+        await asyncio.sleep((sched - now - 1_000_000) / 1e9)
+        now = time.monotonic_ns()
+    return now if now < sched else sched
+
+
+def _int_id(value: Any) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+def _rss_kb() -> int:
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    return 0
+
+
+def _say(tag: str, payload: dict[str, Any]) -> None:
+    sys.stdout.write(f"{tag} {json.dumps(payload)}\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m tests.scale.loadgen PLAN.json", file=sys.stderr)
+        return 2
+    with open(args[0], "rb") as fh:
+        plan = orjson.loads(fh.read())
+    raise_nofile()
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    gen = LoadGen(plan)
+    # Hard bound on this process's life, whatever happens to the harness.
+    max_seconds = float(plan.get("max_seconds", 600))
+
+    async def bounded() -> None:
+        await asyncio.wait_for(gen.run(), max_seconds)
+
+    try:
+        asyncio.run(bounded())
+    except asyncio.TimeoutError:
+        print(f"loadgen {plan['proc']}: hit its {max_seconds:.0f}s limit", file=sys.stderr)
+        return 3
+    _say("DONE", {"out": plan["out"]})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""Reply and push frames in the gateway's shapes, shared by the peers."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def reply(event_type: str, messages: list[dict[str, Any]] | None, request_id: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = {
+        "type": "success",
+        "event_type": event_type,
+        "messages": messages,
+        "detail": "Success",
+    }
+    if request_id is not None:
+        frame["request_id"] = request_id
+    return frame
+
+
+def error(kind: str, detail: str, event_type: Any, request_id: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": kind, "event_type": event_type, "messages": None, "detail": detail}
+    if request_id is not None:
+        frame["request_id"] = request_id
+    return frame
+
+
+def message(req: dict[str, Any], chat_id: str, msg_id: str | None, user_id: str) -> dict[str, Any]:
+    """The message as the sender sees it (``is_my`` true); pushes flip ``is_my``."""
+    body = req.get("message") or {}
+    out: dict[str, Any] = {
+        "id": msg_id,
+        "chat_id": chat_id,
+        "user_id": user_id,
+        "username": user_id,
+        "avatar": None,
+        "created_at": now_iso(),
+        "type": "text",
+        "text": body.get("text"),
+        "file_url": None,
+        "is_my": True,
+    }
+    if body.get("client_msg_id") is not None:
+        out["client_msg_id"] = body["client_msg_id"]
+    return out

@@ -1,0 +1,352 @@
+"""report.json, report.md, chart.png and the terminal summary of a scale run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+LAT_KEYS = ("p50", "p90", "p99", "p99_9", "max")
+
+
+def _git_rev() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in (
+        "aiohttp", "orjson", "redis", "pymongo", "uvloop", "hdrhistogram", "python-socketio",
+        "python-engineio", "channels", "channels-redis", "Django", "uvicorn", "wsproto", "websockets",
+    ):  # fmt: skip
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _machine() -> dict[str, Any]:
+    import os
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def headline(step: dict[str, Any]) -> dict[str, Any]:
+    """The figures compared across targets."""
+    lat = step["latency_ms"]
+    return {
+        "sends_per_s": step["achieved"]["sends_per_s"],
+        "acked_per_s": step["achieved"]["acked_per_s"],
+        "deliveries_per_s": step["achieved"]["deliveries_per_s"],
+        "reply_p50_ms": lat["send_reply"]["p50"],
+        "reply_p99_ms": lat["send_reply"]["p99"],
+        "delivery_p50_ms": lat["delivery"]["p50"],
+        "delivery_p99_ms": lat["delivery"]["p99"],
+        "delivery_p99_9_ms": lat["delivery"]["p99_9"],
+        "server_cores": step["cpu"]["server_cores"],
+        "server_us_per_delivery": step["cpu"]["server_us_per_delivery"],
+        "server_us_per_send": step["cpu"]["server_us_per_send"],
+        "server_us_per_socket_second": step["cpu"]["server_us_per_socket_second"],
+        "rss_kb_per_connection": _server_per_conn(step),
+    }
+
+
+def _server_per_conn(step: dict[str, Any]) -> float | None:
+    per = step["memory"]["rss_kb_per_connection"]
+    vals = [v for k, v in per.items() if k in ("gateway", "peer")]
+    return round(sum(vals), 2) if vals else None
+
+
+def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """ours / peer for each headline figure (last step of each target)."""
+    by = {r["target"]: r for r in results if r.get("steps")}
+    if "ours" not in by:
+        return {}
+    ours = headline(by["ours"]["steps"][-1])
+    out: dict[str, dict[str, float | None]] = {}
+    for name, r in by.items():
+        if name == "ours":
+            continue
+        peer = headline(r["steps"][-1])
+        row: dict[str, float | None] = {}
+        for key, value in ours.items():
+            other = peer.get(key)
+            row[key] = round(value / other, 3) if value is not None and other else None
+        out[name] = row
+    return out
+
+
+def build(
+    args: argparse.Namespace,
+    workload: str,
+    targets: list[str],
+    results: list[dict[str, Any]],
+    command: str,
+    wall_s: float,
+) -> dict[str, Any]:
+    report = {
+        "workload": args.workload,
+        "base_workload": workload,
+        "command": command,
+        "git_rev": _git_rev(),
+        "machine": _machine(),
+        "versions": _versions(),
+        "params": vars(args),
+        "targets": targets,
+        "wall_s": round(wall_s, 1),
+        "results": results,
+        "ratios_ours_over_peer": ratios(results),
+        "notes": [
+            "Peers persist nothing, assign no durable ids and check no token; the gateway "
+            "authenticates every request, stores every message in MongoDB and assigns per-chat ids.",
+            "Open loop: latency is measured from each send's scheduled time (no coordinated omission); "
+            "send_lag is how late the load generator itself was.",
+            "Load generators and servers share the same 2 cores; loadgen CPU is reported separately.",
+        ],
+    }
+    if args.workload == "sweep":
+        report["sustainable_send_rate"] = {r["target"]: r.get("sustainable_send_rate") for r in results}
+    report["passed"] = bool(results) and all(r.get("passed") for r in results)
+    return report
+
+
+def write(report: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out_dir / "report.md").write_text(markdown(report))
+    try:
+        chart(report, out_dir / "chart.png")
+    except Exception as exc:  # noqa: BLE001 - a chart failure must not lose the report
+        (out_dir / "chart-error.txt").write_text(repr(exc))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Scale run: {report['workload']}", ""]
+    lines += [f"Command: `{report['command']}`", ""]
+    m = report["machine"]
+    lines += [
+        f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, kernel {m['kernel']}; "
+        f"git {report['git_rev']}; wall time {report['wall_s']} s.",
+        "",
+        f"Verdict: **{'PASSED' if report['passed'] else 'FAILED'}**"
+        + (" (interrupted)" if report.get("interrupted") else ""),
+        "",
+    ]
+    for r in report["results"]:
+        lines += [f"## {r['target']}", "", r.get("description", ""), ""]
+        for note in r.get("notes", []):
+            lines.append(f"- {note}")
+        if r.get("setup_error"):
+            lines += ["", "Setup failed:", "", "```", r["setup_error"][-3000:], "```", ""]
+            continue
+        if r.get("sustainable_send_rate") is not None or report["workload"] == "sweep":
+            lines += ["", f"Sustainable send rate: **{_fmt(r.get('sustainable_send_rate'))}/s**"]
+        lines.append("")
+        lines.append(
+            "| offered sends/s | sends/s | acked/s | deliveries/s | history/s | server cores | "
+            "loadgen cores | CPU-µs/send | CPU-µs/delivery | loadgen µs/delivery | verdict |"
+        )
+        lines.append("|" + "---|" * 11)
+        for s in r["steps"]:
+            a, c = s["achieved"], s["cpu"]
+            verdict = "pass" if s["passed"] else "FAIL " + ",".join(s["verification"]["failures"])
+            if "sustainable" in s:
+                verdict += "; " + ("sustainable" if s["sustainable"] else s["verdict"])
+            lines.append(
+                f"| {_fmt(s['offered_send_rate'])} | {a['sends_per_s']} | {a['acked_per_s']} | "
+                f"{a['deliveries_per_s']} | {a['history_per_s']} | {c['server_cores']} | "
+                f"{c['loadgen_cores']} | {_fmt(c['server_us_per_send'])} | "
+                f"{_fmt(c['server_us_per_delivery'])} | {_fmt(c['loadgen_us_per_delivery'])} | {verdict} |"
+            )
+        lines += ["", "Latency (ms, from the scheduled send time):", ""]
+        lines.append("| offered | kind | count | p50 | p90 | p99 | p99.9 | max |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for s in r["steps"]:
+            for kind in ("send_reply", "delivery", "history_reply", "join_reply", "send_lag"):
+                h = s["latency_ms"][kind]
+                if not h["count"]:
+                    continue
+                lines.append(
+                    f"| {_fmt(s['offered_send_rate'])} | {kind} | {h['count']} | "
+                    + " | ".join(_fmt(h[k]) for k in LAT_KEYS)
+                    + " |"
+                )
+        last = r["steps"][-1] if r["steps"] else None
+        if last:
+            lines += ["", "Errors by type: " + (json.dumps(last["errors"]) if last["errors"] else "none")]
+            if last["unanswered"]:
+                lines.append(f"Unanswered at the end of the drain: {json.dumps(last['unanswered'])}")
+            lines += ["", "CPU seconds in the measured window, by process kind: " + json.dumps(last["cpu_s_window"])]
+            lines += [
+                "",
+                "RSS growth per connected socket (KiB): "
+                + json.dumps(last["memory"]["rss_kb_per_connection"]),
+                "",
+                "| process | kind | peak RSS MiB | RSS MiB at end |",
+                "|---|---|---|---|",
+            ]
+            for name, p in sorted(last["memory"]["processes"].items()):
+                lines.append(f"| {name} | {p['kind']} | {p['peak_rss_mb']} | {p['rss_mb']} |")
+            v = last["verification"]
+            keys = [
+                "sockets", "sockets_connected", "sent", "acked", "stored", "stored_not_acked",
+                "expected_deliveries", "delivered", "lost_deliveries", "duplicate_deliveries",
+                "out_of_order_ids", "out_of_order_per_sender", "acked_not_stored", "unanswered",
+                "connect_failed", "join_failed", "disconnects",
+            ]  # fmt: skip
+            lines += ["", "Verification" + (" (against MongoDB)" if v["storage_checked"] else " (no storage: acks vs deliveries)") + ":", ""]
+            lines.append("| " + " | ".join(keys) + " |")
+            lines.append("|" + "---|" * len(keys))
+            lines.append("| " + " | ".join(_fmt(v.get(k, 0)) for k in keys) + " |")
+            if v["failures"]:
+                lines += ["", f"FAILED checks: {v['failures']}; examples: `{json.dumps(v['examples'])[:1500]}`"]
+        lines.append("")
+    rat = report.get("ratios_ours_over_peer")
+    if rat:
+        keys = list(next(iter(rat.values())).keys())
+        lines += ["## ours / peer (ratio of the last step's figures)", ""]
+        lines.append("| peer | " + " | ".join(keys) + " |")
+        lines.append("|" + "---|" * (len(keys) + 1))
+        for name, row in rat.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(row[k]) for k in keys) + " |")
+        lines.append("")
+    lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in report["results"] if r.get("steps")]
+    if not results:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    multi = any(len(r["steps"]) > 1 for r in results)
+    if multi:
+        for r in results:
+            xs = [s["offered_send_rate"] for s in r["steps"]]
+            for kind, style in (("delivery", "-o"), ("send_reply", "--s")):
+                for pct in ("p50", "p99"):
+                    ys = [s["latency_ms"][kind][pct] for s in r["steps"]]
+                    if any(y is not None for y in ys):
+                        ax1.plot(xs, [y if y is not None else float("nan") for y in ys], style,
+                                 label=f"{r['target']} {kind} {pct}")
+            ax2.plot(xs, [s["achieved"]["acked_per_s"] for s in r["steps"]], "-o", label=f"{r['target']} acked/s")
+            ax2.plot(xs, [s["achieved"]["deliveries_per_s"] for s in r["steps"]], "--s",
+                     label=f"{r['target']} deliveries/s")
+        ax1.set_xlabel("offered sends/s")
+        ax1.set_yscale("log")
+        ax1.axhline(report["params"].get("slo_p99_ms", 50), color="grey", linestyle=":", label="SLO p99")
+        ax2.set_xlabel("offered sends/s")
+        lim = max(max(s["offered_send_rate"] for s in r["steps"]) for r in results)
+        ax2.plot([0, lim], [0, lim], ":", color="grey", label="offered")
+    else:
+        names = [r["target"] for r in results]
+        pcts = ("p50", "p90", "p99", "p99_9")
+        kind = "delivery" if any(r["steps"][-1]["latency_ms"]["delivery"]["count"] for r in results) else (
+            "history_reply" if any(r["steps"][-1]["latency_ms"]["history_reply"]["count"] for r in results) else "send_reply"
+        )
+        width = 0.8 / len(pcts)
+        for i, pct in enumerate(pcts):
+            vals = [r["steps"][-1]["latency_ms"][kind][pct] or 0 for r in results]
+            ax1.bar([x + i * width for x in range(len(names))], vals, width, label=pct)
+        ax1.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names)
+        ax1.set_yscale("log")
+        ax1.set_xlabel(f"{kind} latency at {results[0]['steps'][-1]['offered_send_rate']:g} sends/s offered")
+        metrics = ("sends_per_s", "acked_per_s", "deliveries_per_s")
+        width = 0.8 / len(metrics)
+        for i, key in enumerate(metrics):
+            vals = [r["steps"][-1]["achieved"][key] for r in results]
+            ax2.bar([x + i * width for x in range(len(names))], vals, width, label=key)
+        ax2.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names)
+        ax2.set_xlabel("achieved throughput")
+    ax1.set_ylabel("latency ms (log)")
+    ax1.set_title("Latency from scheduled send time")
+    ax2.set_ylabel("per second")
+    ax2.set_title("Throughput")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    ax1.grid(True, alpha=0.3)
+    ax2.grid(True, alpha=0.3)
+    fig.suptitle(f"scale run: {report['workload']} ({report['base_workload']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary(report: dict[str, Any], out_dir: Path) -> str:
+    lines = ["", f"== scale {report['workload']}: {'PASSED' if report['passed'] else 'FAILED'} =="]
+    for r in report["results"]:
+        if r.get("setup_error"):
+            lines.append(f"{r['target']:>9}: setup failed: {r['setup_error'].splitlines()[0][:200]}")
+            continue
+        for s in r["steps"]:
+            a, lat, c = s["achieved"], s["latency_ms"], s["cpu"]
+            dl = lat["delivery"]
+            rp = lat["send_reply"]
+            hr = lat["history_reply"]
+            text = (
+                f"{r['target']:>9}: offered {s['offered_send_rate']:g}/s sent {a['sends_per_s']}/s "
+                f"acked {a['acked_per_s']}/s deliv {a['deliveries_per_s']}/s | "
+                f"reply p50/p99 {_fmt(rp['p50'])}/{_fmt(rp['p99'])} ms | "
+                f"deliv p50/p99/p99.9 {_fmt(dl['p50'])}/{_fmt(dl['p99'])}/{_fmt(dl['p99_9'])} ms | "
+            )
+            if hr["count"]:
+                text += f"history {a['history_per_s']}/s p50/p99 {_fmt(hr['p50'])}/{_fmt(hr['p99'])} ms | "
+            text += (
+                f"server {c['server_cores']} cores, {_fmt(c['server_us_per_delivery'])} µs/deliv | "
+                f"errors {sum(s['errors'].values())} | {'ok' if s['passed'] else 'FAILED ' + ','.join(s['verification']['failures'])}"
+            )
+            if report["workload"] == "idle":
+                per = s["memory"]["rss_kb_per_connection"]
+                text += f" | RSS/conn KiB {per} | server µs/socket/s {_fmt(c['server_us_per_socket_second'])}"
+            lines.append(text)
+        if "sustainable_send_rate" in r:
+            lines.append(f"{r['target']:>9}: sustainable send rate {_fmt(r['sustainable_send_rate'])}/s")
+    if report.get("ratios_ours_over_peer"):
+        for name, row in report["ratios_ours_over_peer"].items():
+            lines.append(
+                f"ours/{name}: deliveries/s x{_fmt(row['deliveries_per_s'])}, delivery p99 x{_fmt(row['delivery_p99_ms'])}, "
+                f"CPU/delivery x{_fmt(row['server_us_per_delivery'])}"
+            )
+    lines.append(f"report: {out_dir}/report.md (json, chart.png beside it)")
+    lines.append(f"repeat: {report['command']}")
+    return "\n".join(lines)
