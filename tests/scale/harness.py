@@ -33,7 +33,7 @@ from typing import Any
 
 from tests.scale import report as reporting
 from tests.scale.common import merge_encoded, raise_nofile, summarize
-from tests.scale.procs import ROOT, Proc, Supervisor
+from tests.scale.procs import ROOT, Proc, Supervisor, machine_busy_seconds
 from tests.scale.verify import verify
 from tests.scale.workloads import (
     PREFILL_USER,
@@ -543,6 +543,7 @@ def run_step(
             proc.popen.stdin.flush()
         time.sleep(max(0.0, (go_ns - time.monotonic_ns()) / 1e9))
         s0 = target.sup.sample()
+        busy0 = machine_busy_seconds()
         progress = Progress(label, duration)
         latest: dict[int, dict[str, Any]] = {}
         samples: list[dict[str, Any]] = []
@@ -565,6 +566,7 @@ def run_step(
                 prev = cur
                 next_sample += 1.0
         s1 = target.sup.sample()
+        busy1 = machine_busy_seconds()
         progress.update(duration, _sum(latest), force=True)
         progress.done()
 
@@ -620,6 +622,9 @@ def run_step(
     loadgen_cpu = cpu_window.get("loadgen", 0.0)
     sent = counts.get("sent", 0)
     deliveries = counts.get("deliveries", 0)
+    # CPU used on the machine by processes that are not part of this run (other users'
+    # tests, the harness itself): when large, the figures of this step are disturbed.
+    background = max(0.0, (busy1 - busy0) - server_cpu - loadgen_cpu)
     # Memory: peak RSS (VmHWM) per process, and RSS growth per connected socket.
     procs_mem = {}
     for pid, info in s2.items():
@@ -674,6 +679,7 @@ def run_step(
             "loadgen_s": round(loadgen_cpu, 3),
             "server_cores": round(server_cpu / duration, 3),
             "loadgen_cores": round(loadgen_cpu / duration, 3),
+            "other_cores": round(background / duration, 3),
             "server_us_per_send": round(server_cpu * 1e6 / sent, 1) if sent else None,
             "server_us_per_delivery": round(server_cpu * 1e6 / deliveries, 1) if deliveries else None,
             "loadgen_us_per_send": round(loadgen_cpu * 1e6 / sent, 1) if sent else None,
@@ -791,6 +797,7 @@ def run_target(
         if args.workload == "sweep":
             good = [s["offered_send_rate"] for s in steps if s.get("sustainable")]
             out["sustainable_send_rate"] = max(good) if good else None
+            out["sweep_limit_reached"] = any(not s.get("sustainable") for s in steps)
         out["passed"] = all(s["passed"] for s in steps)
     except SetupFailed as exc:
         say(f"{name}: SETUP FAILED: {exc}")

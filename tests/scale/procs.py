@@ -56,6 +56,15 @@ def read_cpu_seconds(pid: int) -> float | None:
     return ticks / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy since boot (all cores, from /proc/stat)."""
+    with open("/proc/stat") as fh:
+        fields = fh.readline().split()[1:]
+    values = [int(v) for v in fields[:8]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values) - idle) / CLK_TCK
+
+
 def read_mem_kb(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) of ``pid`` in KiB, empty when gone."""
     out: dict[str, int] = {}

@@ -127,7 +127,9 @@ def build(
             "authenticates every request, stores every message in MongoDB and assigns per-chat ids.",
             "Open loop: latency is measured from each send's scheduled time (no coordinated omission); "
             "send_lag is how late the load generator itself was.",
-            "Load generators and servers share the same 2 cores; loadgen CPU is reported separately.",
+            "Load generators and servers share the same 2 cores; loadgen CPU is reported separately. "
+            "'other cores' is CPU used during the window by processes outside the run (e.g. other "
+            "tests on the machine): when it is high, the step's latencies are disturbed.",
         ],
     }
     if args.workload == "sweep":
@@ -174,13 +176,14 @@ def markdown(report: dict[str, Any]) -> str:
             lines += ["", "Setup failed:", "", "```", r["setup_error"][-3000:], "```", ""]
             continue
         if r.get("sustainable_send_rate") is not None or report["workload"] == "sweep":
-            lines += ["", f"Sustainable send rate: **{_fmt(r.get('sustainable_send_rate'))}/s**"]
+            bound = "" if r.get("sweep_limit_reached") else " (no step failed: the limit is higher)"
+            lines += ["", f"Sustainable send rate: **{_fmt(r.get('sustainable_send_rate'))}/s**{bound}"]
         lines.append("")
         lines.append(
             "| offered sends/s | sends/s | acked/s | deliveries/s | history/s | server cores | "
-            "loadgen cores | CPU-µs/send | CPU-µs/delivery | loadgen µs/delivery | verdict |"
+            "loadgen cores | other cores | CPU-µs/send | CPU-µs/delivery | loadgen µs/delivery | verdict |"
         )
-        lines.append("|" + "---|" * 11)
+        lines.append("|" + "---|" * 12)
         for s in r["steps"]:
             a, c = s["achieved"], s["cpu"]
             verdict = "pass" if s["passed"] else "FAIL " + ",".join(s["verification"]["failures"])
@@ -189,7 +192,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {_fmt(s['offered_send_rate'])} | {a['sends_per_s']} | {a['acked_per_s']} | "
                 f"{a['deliveries_per_s']} | {a['history_per_s']} | {c['server_cores']} | "
-                f"{c['loadgen_cores']} | {_fmt(c['server_us_per_send'])} | "
+                f"{c['loadgen_cores']} | {c.get('other_cores', '-')} | {_fmt(c['server_us_per_send'])} | "
                 f"{_fmt(c['server_us_per_delivery'])} | {_fmt(c['loadgen_us_per_delivery'])} | {verdict} |"
             )
         lines += ["", "Latency (ms, from the scheduled send time):", ""]
@@ -259,25 +262,43 @@ def chart(report: dict[str, Any], path: Path) -> None:
     if not results:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = {"ours": "tab:blue", "socketio": "tab:orange", "channels": "tab:green", "aiohttp": "tab:red"}
     multi = any(len(r["steps"]) > 1 for r in results)
+    if report["base_workload"] == "idle":
+        names = [r["target"] for r in results]
+        rss = [_server_per_conn(r["steps"][-1]) or 0 for r in results]
+        cpu = [r["steps"][-1]["cpu"]["server_us_per_socket_second"] or 0 for r in results]
+        ax1.bar(names, rss, color=[colors.get(n, "grey") for n in names])
+        ax1.set_title("Server RSS per idle socket (KiB)")
+        ax2.bar(names, cpu, color=[colors.get(n, "grey") for n in names])
+        ax2.set_title("Server CPU-µs per idle socket per second")
+        fig.suptitle(f"scale run: idle, {results[0]['steps'][-1]['sockets_connected']} sockets")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
     if multi:
         for r in results:
+            color = colors.get(r["target"], "grey")
             xs = [s["offered_send_rate"] for s in r["steps"]]
-            for kind, style in (("delivery", "-o"), ("send_reply", "--s")):
-                for pct in ("p50", "p99"):
+            for kind, style in (("delivery", "-"), ("send_reply", "--")):
+                for pct, marker in (("p50", "o"), ("p99", "^")):
                     ys = [s["latency_ms"][kind][pct] for s in r["steps"]]
                     if any(y is not None for y in ys):
-                        ax1.plot(xs, [y if y is not None else float("nan") for y in ys], style,
+                        ax1.plot(xs, [y if y is not None else float("nan") for y in ys],
+                                 linestyle=style, marker=marker, color=color,
+                                 alpha=1.0 if pct == "p99" else 0.55,
                                  label=f"{r['target']} {kind} {pct}")
-            ax2.plot(xs, [s["achieved"]["acked_per_s"] for s in r["steps"]], "-o", label=f"{r['target']} acked/s")
-            ax2.plot(xs, [s["achieved"]["deliveries_per_s"] for s in r["steps"]], "--s",
-                     label=f"{r['target']} deliveries/s")
+            ax2.plot(xs, [s["achieved"]["acked_per_s"] for s in r["steps"]], "-o", color=color,
+                     label=f"{r['target']} acked sends/s")
+            ax2.plot(xs, [s["achieved"]["deliveries_per_s"] for s in r["steps"]], "--s", color=color,
+                     alpha=0.6, label=f"{r['target']} deliveries/s")
         ax1.set_xlabel("offered sends/s")
         ax1.set_yscale("log")
-        ax1.axhline(report["params"].get("slo_p99_ms", 50), color="grey", linestyle=":", label="SLO p99")
+        ax1.axhline(report["params"].get("slo_p99_ms", 50), color="grey", linestyle=":", label="p99 SLO")
         ax2.set_xlabel("offered sends/s")
         lim = max(max(s["offered_send_rate"] for s in r["steps"]) for r in results)
-        ax2.plot([0, lim], [0, lim], ":", color="grey", label="offered")
+        ax2.plot([0, lim], [0, lim], ":", color="grey", label="offered sends/s")
     else:
         names = [r["target"] for r in results]
         pcts = ("p50", "p90", "p99", "p99_9")
@@ -332,7 +353,8 @@ def summary(report: dict[str, Any], out_dir: Path) -> str:
             if hr["count"]:
                 text += f"history {a['history_per_s']}/s p50/p99 {_fmt(hr['p50'])}/{_fmt(hr['p99'])} ms | "
             text += (
-                f"server {c['server_cores']} cores, {_fmt(c['server_us_per_delivery'])} µs/deliv | "
+                f"server {c['server_cores']} cores, {_fmt(c['server_us_per_delivery'])} µs/deliv, "
+                f"other {c.get('other_cores')} cores | "
                 f"errors {sum(s['errors'].values())} | {'ok' if s['passed'] else 'FAILED ' + ','.join(s['verification']['failures'])}"
             )
             if report["workload"] == "idle":
@@ -340,13 +362,24 @@ def summary(report: dict[str, Any], out_dir: Path) -> str:
                 text += f" | RSS/conn KiB {per} | server µs/socket/s {_fmt(c['server_us_per_socket_second'])}"
             lines.append(text)
         if "sustainable_send_rate" in r:
-            lines.append(f"{r['target']:>9}: sustainable send rate {_fmt(r['sustainable_send_rate'])}/s")
+            bound = "" if r.get("sweep_limit_reached") else " (no step failed: the limit is higher)"
+            lines.append(
+                f"{r['target']:>9}: sustainable send rate {_fmt(r['sustainable_send_rate'])}/s{bound}"
+            )
     if report.get("ratios_ours_over_peer"):
         for name, row in report["ratios_ours_over_peer"].items():
-            lines.append(
-                f"ours/{name}: deliveries/s x{_fmt(row['deliveries_per_s'])}, delivery p99 x{_fmt(row['delivery_p99_ms'])}, "
-                f"CPU/delivery x{_fmt(row['server_us_per_delivery'])}"
-            )
+            if report["base_workload"] == "idle":
+                lines.append(
+                    f"ours/{name}: RSS per socket x{_fmt(row['rss_kb_per_connection'])}, "
+                    f"CPU per socket-second x{_fmt(row['server_us_per_socket_second'])}"
+                )
+            else:
+                lines.append(
+                    f"ours/{name}: deliveries/s x{_fmt(row['deliveries_per_s'])}, delivery p50 "
+                    f"x{_fmt(row['delivery_p50_ms'])}, p99 x{_fmt(row['delivery_p99_ms'])}, "
+                    f"server CPU/delivery x{_fmt(row['server_us_per_delivery'])}, "
+                    f"RSS/socket x{_fmt(row['rss_kb_per_connection'])}"
+                )
     lines.append(f"report: {out_dir}/report.md (json, chart.png beside it)")
     lines.append(f"repeat: {report['command']}")
     return "\n".join(lines)

@@ -56,6 +56,7 @@ def verify(
         out["join_failed"] += counts.get("join_failed", 0)
         out["disconnects"] += counts.get("disconnects", 0)
         out["sent"] += counts.get("sent", 0)
+        out["history_wrong_page"] += counts.get("history_wrong", 0)
         for n in r.get("unanswered", {}).values():
             out["unanswered"] += n
 
@@ -151,6 +152,7 @@ def verify(
         for name in (
             "connect_failed",
             "join_failed",
+            "history_wrong_page",
             "disconnects",
             "unanswered",
             "acked_twice",
