@@ -62,7 +62,10 @@ def _apt_install(package: str) -> None:
     # Another apt may be running (CI images, unattended upgrades): wait for its lock.
     lock = ["-o", "DPkg::Lock::Timeout=600"]
     print(f"[setup] installing {package} with apt-get ...", file=sys.stderr, flush=True)
-    for args in (["apt-get", *lock, "update", "-qq"], ["apt-get", *lock, "install", "-y", "-qq", package]):
+    for args in (
+        ["apt-get", *lock, "update", "-qq"],
+        ["apt-get", *lock, "install", "-y", "-qq", package],
+    ):
         result = subprocess.run(prefix + args, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise SetupError(f"`{' '.join(args)}` failed:\n{result.stderr[-2000:]}")
