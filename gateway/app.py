@@ -137,7 +137,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     conn = Connection(
         hub.new_connection_id(),
         ws,
-        request.transport,  # type: ignore[arg-type]
+        request.transport,
         request.remote or "-",
         max_messages=settings.send_queue_max_messages,
         max_bytes=settings.send_queue_max_bytes,

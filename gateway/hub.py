@@ -17,6 +17,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 from shared import protocol
 from shared.codec import (
@@ -141,7 +144,7 @@ class Hub:
         conn: Connection,
         chat_id: str,
         event_type: str,
-        message: dict[str, object] | None,
+        message: dict[str, Any] | None,
         request_id: str | None,
         digest: str,
         received_at: float,
@@ -376,9 +379,7 @@ def _reply_type(frame: bytes) -> str:
     return kind if kind in protocol.REPLY_TYPES else "unknown"
 
 
-def _history_messages(frame: bytes) -> list[dict[str, object]]:
-    import orjson
-
+def _history_messages(frame: bytes) -> list[dict[str, Any]]:
     body = orjson.loads(frame)
     if body.get("type") != protocol.SUCCESS:
         return []

@@ -13,7 +13,6 @@ import time
 from collections import deque
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from shared.backoff import Backoff
 from shared.codec import STREAM_FIELD

@@ -144,7 +144,7 @@ class Subscriber:
                 self._connected.clear()
                 self._pubsub = None
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())
+                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
             await backoff.sleep()
 
     async def _read(self, pubsub: PubSub) -> None:

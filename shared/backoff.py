@@ -18,7 +18,8 @@ class Backoff:
         """The delay before the next attempt; grows until :meth:`reset`."""
         ceiling = min(self.cap, self.base * (2**self.attempt))
         self.attempt = min(self.attempt + 1, 30)
-        return ceiling / 2 + random.random() * ceiling / 2
+        delay: float = ceiling / 2 + random.random() * ceiling / 2
+        return delay
 
     async def sleep(self) -> None:
         """Sleep for :meth:`next_delay` seconds (cancellable)."""

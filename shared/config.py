@@ -134,8 +134,7 @@ _ENV_NAMES: dict[str, str] = {
 }
 
 _TYPES: dict[str, type] = {
-    f.name: type(f.default) if not callable(f.default_factory) else str  # type: ignore[misc]
-    for f in fields(Settings)
+    f.name: type(f.default) if not callable(f.default_factory) else str for f in fields(Settings)
 }
 
 

@@ -42,7 +42,9 @@ def _id(value: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    parser = argparse.ArgumentParser(prog="python -m worker.admin", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.admin", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("create-user", help="create a user and a first token")
     p.add_argument("--username", required=True)
@@ -110,18 +112,29 @@ async def _dispatch(store: Store, args: argparse.Namespace) -> dict[str, Any]:
             raise AdminError(f"no such users: {', '.join(unknown)}")
         chat_id = args.chat_id or await store.next_id("chats")
         try:
-            await store.chats.insert_one({"_id": chat_id, "title": args.title, "member_ids": members})
+            await store.chats.insert_one(
+                {"_id": chat_id, "title": args.title, "member_ids": members}
+            )
         except DuplicateKeyError:
             raise AdminError(f"chat {chat_id} exists already") from None
         return {"chat_id": chat_id}
     if args.command in ("add-member", "remove-member"):
-        if args.command == "add-member" and await store.users.find_one({"_id": args.user_id}) is None:
+        if (
+            args.command == "add-member"
+            and await store.users.find_one({"_id": args.user_id}) is None
+        ):
             raise AdminError(f"no user {args.user_id}")
         op = "$addToSet" if args.command == "add-member" else "$pull"
-        result = await store.chats.update_one({"_id": args.chat_id}, {op: {"member_ids": args.user_id}})
-        if result.matched_count == 0:
+        updated = await store.chats.update_one(
+            {"_id": args.chat_id}, {op: {"member_ids": args.user_id}}
+        )
+        if updated.matched_count == 0:
             raise AdminError(f"no chat {args.chat_id}")
-        return {"chat_id": args.chat_id, "user_id": args.user_id, "changed": result.modified_count == 1}
+        return {
+            "chat_id": args.chat_id,
+            "user_id": args.user_id,
+            "changed": updated.modified_count == 1,
+        }
     raise AdminError(f"unknown command {args.command}")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -146,7 +146,8 @@ class Consumer:
             raise
         items: list[Item] = []
         dead: dict[str, list[str]] = defaultdict(list)
-        for stream_name, entries in response or []:
+        rows = cast(list[Any], response or [])  # [[stream, [(id, {field: value}), ...]], ...]
+        for stream_name, entries in rows:
             stream = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
             partition = self.keys.stream_partition(stream)
             for raw_id, fields in entries:

@@ -82,9 +82,11 @@ class Counters:
             self._last[chat_id] = await self.store.last_seq(chat_id)
 
     def get(self, chat_id: str) -> int:
+        """The chat's last id (call :meth:`load` first)."""
         return self._last[chat_id]
 
-    def set(self, chat_id: str, seq: int) -> None:
+    def put(self, chat_id: str, seq: int) -> None:
+        """Record the chat's new last id."""
         self._last[chat_id] = seq
 
     def forget(self, chat_ids: set[str] | None = None) -> None:
@@ -217,7 +219,7 @@ class Processor:
                     plan.append((item, identity, existing, self.counters.get(entry.chat_id), False))
                     continue
             seq = self.counters.get(entry.chat_id) + 1
-            self.counters.set(entry.chat_id, seq)
+            self.counters.put(entry.chat_id, seq)
             doc: Doc = {
                 "_id": item.event_id,
                 "chat_id": entry.chat_id,

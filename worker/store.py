@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -168,8 +168,9 @@ class Store:
         collection = self.db[name]
         while True:
             doc = await self.counters.find_one_and_update(
-                {"_id": name}, {"$inc": {"n": 1}}, upsert=True, return_document=True
+                {"_id": name}, {"$inc": {"n": 1}}, upsert=True, return_document=ReturnDocument.AFTER
             )
+            assert doc is not None  # upsert with AFTER always returns the document
             candidate = str(doc["n"])
             if await collection.find_one({"_id": candidate}, {"_id": 1}) is None:
                 return candidate

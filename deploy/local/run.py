@@ -116,7 +116,9 @@ def main() -> int:
             children.append(subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT))
         _wait_ready(f"http://127.0.0.1:{worker_port}/readyz", children[0], "the worker")
         _wait_ready(f"http://127.0.0.1:{gateway_port}/readyz", children[1], "the gateway")
-        host = settings.gateway_host if settings.gateway_host not in ("0.0.0.0", "::") else "127.0.0.1"
+        host = (
+            settings.gateway_host if settings.gateway_host not in ("0.0.0.0", "::") else "127.0.0.1"
+        )
         base = f"http://{host}:{gateway_port}"
         lines = [
             "",

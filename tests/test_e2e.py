@@ -1,0 +1,329 @@
+"""End to end on real Redis and MongoDB: the seed protocol, errors, history, fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from shared.codec import token_digest
+from shared.config import Settings
+from tests.support import ROOT, Seeder, Stack
+
+SEED_TOKEN = "b58f7d184743106a8a66028b7a28937c"
+SEED_DOC = (
+    Path(__file__).resolve().parent.parent.parent / "shared" / "seed" / "000_b59bcf65193a2fc4.txt"
+)
+MESSAGE_FIELDS = {
+    "id", "chat_id", "user_id", "username", "avatar", "created_at", "type", "text", "file_url", "is_my",
+}  # fmt: skip
+
+
+async def seed_ivan(seed: Seeder) -> None:
+    """The seed document's world: user 2 "Ivan Petrov" with its token, in chat 1."""
+    await seed.store.users.insert_one(
+        {"_id": "2", "username": "Ivan Petrov", "avatar": "/static_media/media/ivan_petrov.img"}
+    )
+    await seed.store.tokens.insert_one({"_id": token_digest(SEED_TOKEN), "user_id": "2"})
+    await seed.store.chats.insert_one({"_id": "1", "member_ids": ["2"]})
+
+
+def seed_examples() -> list[tuple[dict, dict]]:
+    """(request, documented reply) pairs in the seed document, in order."""
+    text = SEED_DOC.read_text() if SEED_DOC.exists() else ""
+    blocks = [json.loads(b.split("```", 1)[0]) for b in text.split("```json")[1:]]
+    return list(zip(blocks[0::2], blocks[1::2], strict=True))
+
+
+@pytest.fixture
+async def one_node(stack: Stack) -> str:
+    await stack.worker()
+    return await stack.gateway()
+
+
+async def test_seed_examples_as_is(stack: Stack, seed: Seeder, one_node: str) -> None:
+    examples = seed_examples()
+    if not examples:
+        pytest.skip(f"seed document not found at {SEED_DOC}")
+    await seed_ivan(seed)
+    client = await stack.client(one_node, path="")  # seed clients connect with no path
+    for request, documented in examples:
+        await client.send_raw(json.dumps(request))
+        reply = await client.reply()
+        assert set(reply) == set(documented), (request, reply)
+        assert reply["type"] == documented["type"]
+        assert reply["event_type"] == documented["event_type"]
+        assert reply["detail"] == documented["detail"]
+        if documented["messages"] is None:
+            assert reply["messages"] is None
+            continue
+        for message in reply["messages"]:
+            assert set(message) == MESSAGE_FIELDS
+            assert message["user_id"] == "2" and message["username"] == "Ivan Petrov"
+            assert message["avatar"] == "/static_media/media/ivan_petrov.img"
+            assert isinstance(message["created_at"], int) and message["is_my"] is True
+    # The send_file example really stored its message.
+    history = await client.request("get_history", "1", token=SEED_TOKEN, plain=True)
+    stored = history["messages"][-1]
+    assert stored["type"] == "file" and stored["file_url"] == "/static_media/media/doc.xml"
+    assert stored["text"] == "Hello" and stored["id"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("frame", "reply_type", "detail_part"),
+    [
+        ("{not json", "bad_request", "Invalid JSON"),
+        ("[1, 2]", "bad_request", "JSON object"),
+        ('"text"', "bad_request", "JSON object"),
+        ('{"chat_id": "1", "token": "t", "message": null}', "bad_request", "event_type"),
+        ('{"chat_id": "1", "token": "t", "event_type": 5}', "bad_request", "event_type"),
+        ('{"token": "t", "event_type": "get_history"}', "bad_request", "chat_id"),
+        ('{"chat_id": [1], "token": "t", "event_type": "get_history"}', "bad_request", "chat_id"),
+        ('{"chat_id": "1", "token": 7, "event_type": "get_history"}', "bad_request", "token"),
+        ('{"chat_id": "1", "token": "t", "event_type": "send_message", "message": null}', "bad_request", "message"),
+        ('{"chat_id": "1", "token": "t", "event_type": "send_message", "message": {"type": "text", "text": ""}}', "bad_request", "empty"),
+        ('{"chat_id": "1", "token": "t", "event_type": "send_message", "message": {"type": "text", "text": 5}}', "bad_request", "text"),
+        ('{"chat_id": "1", "token": "t", "event_type": "send_message", "message": {"type": "video", "text": "x"}}', "bad_request", "Unknown message type"),
+        ('{"chat_id": "1", "token": "t", "event_type": "send_file", "message": {"type": "file", "text": "x"}}', "bad_request", "file_url"),
+        ('{"chat_id": "1", "token": "t", "event_type": "send_file", "message": {"type": "gif", "file_url": "/a"}}', "bad_request", "Unknown message type"),
+        ('{"chat_id": "1", "token": "t", "event_type": "get_history", "message": {"limit": 0}}', "bad_request", "limit"),
+        ('{"chat_id": "1", "token": "t", "event_type": "get_history", "message": {"limit": 201}}', "bad_request", "limit"),
+        ('{"chat_id": "1", "token": "t", "event_type": "get_history", "message": {"before_id": "x"}}', "bad_request", "before_id"),
+        ('{"chat_id": "1", "token": "", "event_type": "get_history", "message": null}', "token_validation_error", "Token"),
+        ('{"chat_id": "1", "event_type": "get_history", "message": null}', "token_validation_error", "Token"),
+        ('{"chat_id": "1", "token": "t", "event_type": "delete_chat", "message": null}', "event_not_found", "Event delete_chat not found"),
+    ],
+)  # fmt: skip
+async def test_gateway_rejects_bad_requests(
+    stack: Stack, one_node: str, frame: str, reply_type: str, detail_part: str
+) -> None:
+    client = await stack.client(one_node)
+    await client.send_raw(frame)
+    reply = await client.reply()
+    assert reply["type"] == reply_type, reply
+    assert detail_part in reply["detail"]
+    assert reply["messages"] is None
+    # The socket stays open and still works.
+    await client.send_raw('{"chat_id": "1", "token": "", "event_type": "get_history"}')
+    assert (await client.reply())["type"] == "token_validation_error"
+
+
+async def test_errors_decided_by_worker(stack: Stack, seed: Seeder, one_node: str) -> None:
+    alice, token = await seed.user("Alice")
+    bob, bob_token = await seed.user("Bob")
+    chat = await seed.chat(alice)
+    client = await stack.client(one_node, token)
+    wrong = await client.request("get_history", chat, token="0" * 32)
+    assert wrong["type"] == "token_validation_error" and wrong["messages"] is None
+    missing = await client.request("send_message", "no-such-chat", {"type": "text", "text": "hi"})
+    assert missing["type"] == "chat_not_exists"
+    # A non-member gets exactly the same answer as for a chat that does not exist.
+    outsider = await client.request("get_history", chat, token=bob_token)
+    assert {k: v for k, v in outsider.items() if k != "request_id"} == {
+        k: v for k, v in missing.items() if k != "request_id"
+    } | {"event_type": "get_history"}
+    ok = await client.request("get_history", chat)
+    assert ok["type"] == "success" and ok["messages"] == [] and ok["detail"] is None
+    assert bob  # created only to be an outsider
+
+
+async def test_integer_chat_id_and_request_id_echo(
+    stack: Stack, seed: Seeder, one_node: str
+) -> None:
+    user, token = await seed.user()
+    await seed.chat(user, chat_id="42")
+    client = await stack.client(one_node, token)
+    reply = await client.request(
+        "send_message", 42, {"type": "text", "text": "hi"}, request_id="abc"
+    )
+    assert reply["request_id"] == "abc"
+    assert reply["messages"][0]["chat_id"] == "42"
+    plain = await client.request("get_history", "42", plain=True)
+    assert "request_id" not in plain
+
+
+async def test_send_file_and_image(stack: Stack, seed: Seeder, one_node: str) -> None:
+    user, token = await seed.user("Ivan", avatar="/static_media/ivan.img")
+    chat = await seed.chat(user)
+    client = await stack.client(one_node, token)
+    image = await client.request(
+        "send_file", chat, {"type": "image", "file_url": "/media/a.png", "text": None}
+    )
+    assert image["type"] == "success" and image["event_type"] == "send_file"
+    [stored] = image["messages"]
+    assert stored["type"] == "image" and stored["text"] is None
+    assert stored["file_url"] == "/media/a.png" and stored["avatar"] == "/static_media/ivan.img"
+    file = await client.request(
+        "send_file", chat, {"type": "file", "file_url": "/media/doc.xml", "text": "see this"}
+    )
+    assert file["messages"][0]["text"] == "see this"
+    assert int(file["messages"][0]["id"]) == int(stored["id"]) + 1
+
+
+async def test_history_order_paging_and_recovery(stack: Stack, seed: Seeder, one_node: str) -> None:
+    user, token = await seed.user()
+    chat = await seed.chat(user)
+    client = await stack.client(one_node, token)
+    for i in range(1, 121):
+        reply = await client.send_text(chat, f"m{i}")
+        assert reply["messages"][0]["id"] == str(i)
+    latest = await client.request("get_history", chat)
+    ids = [int(m["id"]) for m in latest["messages"]]
+    assert ids == list(range(71, 121)), "latest page of 50, oldest first"
+    page = await client.request("get_history", chat, {"before_id": "71", "limit": 30})
+    assert [int(m["id"]) for m in page["messages"]] == list(range(41, 71))
+    first = await client.request("get_history", chat, {"before_id": "3"})
+    assert [int(m["id"]) for m in first["messages"]] == [1, 2]
+    after = await client.request("get_history", chat, {"after_id": "100", "limit": 5})
+    assert [int(m["id"]) for m in after["messages"]] == [101, 102, 103, 104, 105]
+    rest = await client.request("get_history", chat, {"after_id": 118})
+    assert [m["text"] for m in rest["messages"]] == ["m119", "m120"]
+    big = await client.request("get_history", chat, {"limit": 200})
+    assert len(big["messages"]) == 120
+    empty = await client.request("get_history", chat, {"after_id": "120"})
+    assert empty["messages"] == []
+
+
+async def test_fan_out_on_one_node(stack: Stack, seed: Seeder, one_node: str) -> None:
+    alice, a_token = await seed.user("Alice")
+    bob, b_token = await seed.user("Bob")
+    carol, c_token = await seed.user("Carol")
+    chat = await seed.chat(alice, bob)
+    other_chat = await seed.chat(carol)
+    a1 = await stack.client(one_node, a_token)
+    a2 = await stack.client(one_node, a_token)
+    b = await stack.client(one_node, b_token)
+    c = await stack.client(one_node, c_token)
+    for client in (a1, a2, b):
+        await client.join(chat)
+    await c.join(other_chat)
+    reply = await a1.send_text(chat, "hello")
+    assert reply["messages"][0]["is_my"] is True
+    mine = await a2.push()
+    theirs = await b.push()
+    assert mine["messages"][0]["is_my"] is True and theirs["messages"][0]["is_my"] is False
+    assert mine["messages"][0]["id"] == theirs["messages"][0]["id"] == reply["messages"][0]["id"]
+    assert "request_id" not in mine and mine["event_type"] == "send_message"
+    await a1.no_push()
+    await c.no_push(0.1)
+
+
+async def test_revoked_token_and_removed_member(
+    stack: Stack, seed: Seeder, one_node: str, settings: Settings
+) -> None:
+    user, token = await seed.user()
+    chat = await seed.chat(user)
+    client = await stack.client(one_node, token)
+    assert (await client.send_text(chat, "before"))["type"] == "success"
+    await seed.store.tokens.delete_one({"_id": token_digest(token)})
+    await asyncio.sleep(settings.auth_cache_ttl + 0.2)
+    assert (await client.send_text(chat, "after"))["type"] == "token_validation_error"
+    _, second = await seed.user()
+    await seed.store.tokens.update_one({"_id": token_digest(second)}, {"$set": {"user_id": user}})
+    assert (await client.send_text(chat, "new token", token=second))["type"] == "success"
+    await seed.store.chats.update_one({"_id": chat}, {"$pull": {"member_ids": user}})
+    await asyncio.sleep(settings.auth_cache_ttl + 0.2)
+    assert (await client.send_text(chat, "gone", token=second))["type"] == "chat_not_exists"
+
+
+async def test_admin_cli(settings: Settings, seed: Seeder, stack: Stack, one_node: str) -> None:
+    env = {"PYTHONPATH": str(ROOT), "MONGO_URL": settings.mongo_url, "PATH": "/usr/bin:/bin"}
+
+    def admin_sync(*args: str) -> dict:
+        result = subprocess.run(
+            [sys.executable, "-m", "worker.admin", *args],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        return orjson.loads(result.stdout)
+
+    async def admin(*args: str) -> dict:
+        return await asyncio.to_thread(admin_sync, *args)
+
+    ivan = await admin(
+        "create-user", "--username", "Ivan Petrov", "--avatar", "/static_media/i.img"
+    )
+    assert len(ivan["token"]) == 32 and int(ivan["token"], 16) >= 0
+    assert await seed.store.tokens.find_one({"_id": ivan["token"]}) is None, "only digests stored"
+    anna = await admin("create-user", "--username", "Anna", "--user-id", "anna")
+    assert anna["user_id"] == "anna"
+    chat = (await admin("create-chat", "--title", "T", "--member", ivan["user_id"]))["chat_id"]
+    second = await admin("issue-token", "--user-id", ivan["user_id"])
+    await admin("add-member", "--chat-id", chat, "--user-id", "anna")
+    ivan_ws = await stack.client(one_node, second["token"])
+    anna_ws = await stack.client(one_node, anna["token"])
+    await anna_ws.join(chat)
+    sent = await ivan_ws.send_text(chat, "Privet")
+    assert sent["messages"][0]["username"] == "Ivan Petrov"
+    assert (await anna_ws.push())["messages"][0]["text"] == "Privet"
+    assert await admin("revoke-token", "--token", second["token"]) == {"revoked": True}
+    await asyncio.sleep(settings.auth_cache_ttl + 0.2)
+    assert (await ivan_ws.send_text(chat, "x"))["type"] == "token_validation_error"
+    failed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "worker.admin", "create-chat", "--member", "nobody"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert failed.returncode == 1 and "nobody" in failed.stdout
+
+
+async def test_two_gateways_two_workers_as_processes(
+    stack: Stack, seed: Seeder, log_dir: Path
+) -> None:
+    """Point 4 of the issue with real `python -m gateway` / `python -m worker` processes."""
+    alice, a_token = await seed.user("Alice")
+    bob, b_token = await seed.user("Bob")
+    eve, e_token = await seed.user("Eve")
+    chats = [await seed.chat(alice, bob) for _ in range(6)]
+    _, gw_a = stack.spawn("gateway", log_dir)
+    _, gw_b = stack.spawn("gateway", log_dir)
+    _, wk_1 = stack.spawn("worker", log_dir)
+    _, wk_2 = stack.spawn("worker", log_dir)
+    for url in (gw_a, gw_b, wk_1, wk_2):
+        await stack.wait_ready(url)
+    # Both workers share the partitions (fair share: 2 each of 4), so both handle traffic.
+    owned = await wait_balanced(stack, wk_1, wk_2)
+    assert sorted(len(parts) for parts in owned) == [2, 2]
+    a_on_a = await stack.client(gw_a, a_token)
+    a_on_b = await stack.client(gw_b, a_token)
+    b_on_a = await stack.client(gw_a, b_token)
+    b_on_b = await stack.client(gw_b, b_token)
+    eve_on_b = await stack.client(gw_b, e_token)
+    for chat in chats:
+        for client in (a_on_a, a_on_b, b_on_a, b_on_b):
+            await client.join(chat)
+        assert (await eve_on_b.request("get_history", chat))["type"] == "chat_not_exists"
+    for chat in chats:
+        reply = await a_on_a.send_text(chat, f"hello {chat}")
+        assert reply["type"] == "success", stack.logs()
+        sent = reply["messages"][0]
+        for client, is_my in ((a_on_b, True), (b_on_a, False), (b_on_b, False)):
+            push = await client.push()
+            got = push["messages"][0]
+            assert (got["id"], got["chat_id"], got["is_my"]) == (sent["id"], chat, is_my)
+    await a_on_a.no_push(0.3)
+    await eve_on_b.no_push(0.1)
+    assert not any("request_id" not in f for f in a_on_a.frames), "sender got one reply, no copy"
+    assert eve
+
+
+async def worker_partitions(stack: Stack, url: str) -> list[int]:
+    async with stack.session.get(url + "readyz") as resp:
+        return list((await resp.json())["partitions"])
+
+
+async def wait_balanced(stack: Stack, *urls: str, timeout: float = 20.0) -> list[list[int]]:
+    """Wait until every worker holds partitions and together they hold all of them."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        owned = [await worker_partitions(stack, url) for url in urls]
+        every = sorted(p for parts in owned for p in parts)
+        if all(owned) and every == list(range(stack.settings.partitions)):
+            return owned
+        assert asyncio.get_running_loop().time() < deadline, f"not balanced: {owned}"
+        await asyncio.sleep(0.1)

@@ -1,0 +1,163 @@
+"""Pure unit tests of the protocol and codec (no servers)."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared import protocol
+from shared.codec import (
+    Grant,
+    Push,
+    Reply,
+    StreamEntry,
+    decode_push,
+    decode_reply_envelope,
+    decode_stream_entry,
+    encode_push,
+    encode_reply_envelope,
+    encode_stream_entry,
+    token_digest,
+)
+from shared.keys import Keys, partition_of
+
+LIMITS = protocol.Limits(max_text_length=100)
+
+
+def parse(body: object) -> protocol.Request:
+    return protocol.parse_request(orjson.dumps(body), LIMITS)
+
+
+def test_seed_send_message_parses() -> None:
+    req = parse(
+        {"chat_id": "1", "token": "abc", "event_type": "send_message",
+         "message": {"type": "text", "text": "Hello"}}
+    )  # fmt: skip
+    assert req.chat_id == "1" and req.event_type == "send_message"
+    assert req.message == {"type": "text", "text": "Hello", "file_url": None}
+
+
+def test_integer_chat_id_is_normalised_and_bool_is_not() -> None:
+    assert parse({"chat_id": 7, "token": "t", "event_type": "get_history"}).chat_id == "7"
+    with pytest.raises(protocol.ProtocolError):
+        parse({"chat_id": True, "token": "t", "event_type": "get_history"})
+
+
+def test_unknown_fields_ignored_and_client_msg_id_kept() -> None:
+    req = parse(
+        {"chat_id": "1", "token": "t", "event_type": "send_file", "extra": [1],
+         "message": {"type": "image", "file_url": "/a.png", "client_msg_id": "k1", "x": 1}}
+    )  # fmt: skip
+    assert req.message == {
+        "type": "image",
+        "text": None,
+        "file_url": "/a.png",
+        "client_msg_id": "k1",
+    }
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "text", "text": "x" * 101},
+        {"type": "text", "text": "a\x00b"},
+        {"type": "text", "text": "   "},
+        {"type": "text", "text": "ok", "client_msg_id": "k" * 65},
+        {"type": "text", "text": "ok", "client_msg_id": 5},
+    ],
+)
+def test_text_limits(message: dict) -> None:
+    with pytest.raises(protocol.ProtocolError) as caught:
+        parse({"chat_id": "1", "token": "t", "event_type": "send_message", "message": message})
+    assert caught.value.reply_type == protocol.BAD_REQUEST
+
+
+def test_event_not_found_matches_seed_reply() -> None:
+    with pytest.raises(protocol.ProtocolError) as caught:
+        parse(
+            {"chat_id": "1", "token": "t", "event_type": "send_file_and_message", "message": None}
+        )
+    assert orjson.loads(caught.value.to_frame()) == {
+        "type": "event_not_found",
+        "event_type": "send_file_and_message",
+        "messages": None,
+        "detail": "Event send_file_and_message not found",
+    }
+
+
+def test_history_query_normalised() -> None:
+    req = parse(
+        {"chat_id": "1", "token": "t", "event_type": "get_history",
+         "message": {"limit": 10, "before_id": "20", "after_id": 3}}
+    )  # fmt: skip
+    assert req.message == {"limit": 10, "before_id": 20, "after_id": 3}
+    assert (
+        parse({"chat_id": "1", "token": "t", "event_type": "get_history", "message": {}}).message
+        is None
+    )
+
+
+@given(st.binary(max_size=300))
+def test_parser_never_raises_anything_but_protocol_errors(data: bytes) -> None:
+    try:
+        protocol.parse_request(data, LIMITS)
+    except protocol.ProtocolError as exc:
+        assert exc.reply_type in protocol.REPLY_TYPES
+        frame = orjson.loads(exc.to_frame())
+        assert frame["messages"] is None and isinstance(frame["detail"], str)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "chat_id": json_values,
+            "token": json_values,
+            "event_type": st.sampled_from(["get_history", "send_message", "send_file", "x"])
+            | json_values,
+            "message": json_values,
+            "request_id": json_values,
+        },
+    )
+)
+def test_parser_on_random_envelopes(body: dict) -> None:
+    try:
+        # json, not orjson: it writes integers beyond 64 bits, which clients may send.
+        req = protocol.parse_request(json.dumps(body), LIMITS)
+    except protocol.ProtocolError:
+        return
+    assert req.event_type in protocol.EVENTS and isinstance(req.chat_id, str) and req.token
+
+
+def test_codec_round_trips() -> None:
+    entry = StreamEntry(
+        "n1", 3, 9, "r", "c1", token_digest("t"), "send_message", {"text": "x"}, 1.5
+    )
+    assert decode_stream_entry(encode_stream_entry(entry)) == entry
+    frame = protocol.encode_reply("success", "get_history", [], None)
+    reply = Reply(4, 5, frame, grant=Grant("c\n1", "u", 7))
+    assert decode_reply_envelope(encode_reply_envelope(reply)) == reply
+    push = Push("c1", 3, "u1", "n1", 2, 1.25, b'{"a":"x\\ny"}', b'{"b":1}')
+    assert decode_push(encode_push(push)) == push
+
+
+def test_partitions_are_stable_and_keys_tagged() -> None:
+    assert partition_of("chat-1", 16) == partition_of("chat-1", 16)
+    assert {partition_of(str(i), 16) for i in range(200)} == set(range(16))
+    keys = Keys("chat")
+    assert keys.stream(3) == "chat:stream:{p3}" and keys.stream_partition(keys.stream(3)) == 3
+    assert keys.chat_from_channel(keys.chat_channel("a:b")) == "a:b"
+    assert keys.chat_from_channel(keys.node_channel("n")) is None
