@@ -292,9 +292,9 @@ class Target:
         )
 
     def start_channels(self) -> None:
-        from deploy.local.servers import free_port
-
         import importlib.util
+
+        from deploy.local.servers import free_port
 
         ws_impl = "websockets" if importlib.util.find_spec("websockets") else "wsproto"
         procs = []
@@ -314,7 +314,9 @@ class Target:
             proc = self.sup.spawn(f"channels-{i}", "peer", argv, env)
             proc.extra["port"] = port
             procs.append(proc)
-        wait_ready(procs, lambda p: tcp_open(p.extra["port"]), "channels peer", self.args.ready_timeout)
+        wait_ready(
+            procs, lambda p: tcp_open(p.extra["port"]), "channels peer", self.args.ready_timeout
+        )
         self.urls = [f"ws://127.0.0.1:{p.extra['port']}/ws" for p in procs]
         layer = (
             "RedisPubSubChannelLayer"
@@ -344,7 +346,9 @@ class Target:
             self.args.ready_timeout,
         )
         self.urls = [f"ws://127.0.0.1:{port}/ws"]
-        self.notes.append("one aiohttp process, in-memory rooms, orjson, no Redis (the Python ceiling)")
+        self.notes.append(
+            "one aiohttp process, in-memory rooms, orjson, no Redis (the Python ceiling)"
+        )
 
     # ---- data
 
@@ -360,7 +364,10 @@ class Target:
         client = self.mongo()
         try:
             db = client.get_default_database()
-            users = [{"_id": c["user_id"], "username": f"user{c['gid']}", "avatar": None} for c in scenario.clients]
+            users = [
+                {"_id": c["user_id"], "username": f"user{c['gid']}", "avatar": None}
+                for c in scenario.clients
+            ]
             users.append({"_id": PREFILL_USER, "username": "prefill", "avatar": None})
             tokens = [
                 {"_id": hashlib.sha256(c["token"].encode()).hexdigest(), "user_id": c["user_id"]}
@@ -404,7 +411,9 @@ class Target:
             + f" in {time.monotonic() - t0:.1f}s"
         )
 
-    def stored_messages(self, tag: str, chats: list[str]) -> dict[str, list[tuple[int, str | None]]]:
+    def stored_messages(
+        self, tag: str, chats: list[str]
+    ) -> dict[str, list[tuple[int, str | None]]]:
         """Messages of this step, by chat: (seq, client_msg_id)."""
         client = self.mongo()
         try:
@@ -415,7 +424,9 @@ class Target:
                 {"chat_id": 1, "seq": 1, "client_msg_id": 1, "_id": 0},
             )
             for doc in cursor:
-                out.setdefault(doc["chat_id"], []).append((int(doc["seq"]), doc.get("client_msg_id")))
+                out.setdefault(doc["chat_id"], []).append(
+                    (int(doc["seq"]), doc.get("client_msg_id"))
+                )
             return out
         finally:
             client.close()
@@ -437,7 +448,9 @@ class Target:
 # --------------------------------------------------------------------------- one step
 
 
-def cpu_by_kind(before: dict[int, dict[str, Any]], after: dict[int, dict[str, Any]]) -> dict[str, float]:
+def cpu_by_kind(
+    before: dict[int, dict[str, Any]], after: dict[int, dict[str, Any]]
+) -> dict[str, float]:
     out: dict[str, float] = {}
     for pid, end in after.items():
         start = before.get(pid)
@@ -508,7 +521,6 @@ def run_step(
     try:
         # Setup: every load generator connects its sockets and joins their chats.
         ready: dict[int, dict[str, Any]] = {}
-        eof: set[int] = set()
         deadline = time.monotonic() + setup_timeout
         while len(ready) < n_procs:
             remaining = deadline - time.monotonic()
@@ -532,7 +544,9 @@ def run_step(
             f"in {setup_s:.1f}s"
         )
         if connected == 0:
-            raise SetupFailed(f"no socket could connect; loadgen log:\n{tail(loadgens[0].log_path)}")
+            raise SetupFailed(
+                f"no socket could connect; loadgen log:\n{tail(loadgens[0].log_path)}"
+            )
         after_connect = target.sup.sample()
 
         # Measured window.
@@ -580,7 +594,7 @@ def run_step(
         for proc in loadgens:
             try:
                 proc.popen.wait(max(1.0, final_deadline - time.monotonic()))
-            except Exception:  # noqa: BLE001 - a stuck load generator is stopped below
+            except Exception:
                 pass
         s2 = target.sup.sample()
         results = []
@@ -627,7 +641,7 @@ def run_step(
     background = max(0.0, (busy1 - busy0) - server_cpu - loadgen_cpu)
     # Memory: peak RSS (VmHWM) per process, and RSS growth per connected socket.
     procs_mem = {}
-    for pid, info in s2.items():
+    for info in s2.values():
         procs_mem[info["name"]] = {
             "kind": info["kind"],
             "peak_rss_mb": round(info["hwm_kb"] / 1024, 1),
@@ -681,9 +695,13 @@ def run_step(
             "loadgen_cores": round(loadgen_cpu / duration, 3),
             "other_cores": round(background / duration, 3),
             "server_us_per_send": round(server_cpu * 1e6 / sent, 1) if sent else None,
-            "server_us_per_delivery": round(server_cpu * 1e6 / deliveries, 1) if deliveries else None,
+            "server_us_per_delivery": round(server_cpu * 1e6 / deliveries, 1)
+            if deliveries
+            else None,
             "loadgen_us_per_send": round(loadgen_cpu * 1e6 / sent, 1) if sent else None,
-            "loadgen_us_per_delivery": round(loadgen_cpu * 1e6 / deliveries, 1) if deliveries else None,
+            "loadgen_us_per_delivery": round(loadgen_cpu * 1e6 / deliveries, 1)
+            if deliveries
+            else None,
             "server_us_per_socket_second": round(server_cpu * 1e6 / (connected * duration), 3)
             if connected
             else None,
@@ -713,7 +731,11 @@ def build_scenario(args: argparse.Namespace, endpoints: int, workload: str) -> S
         return chat_workload(args.sockets or 1000, args.chat_size, args.rate or 500.0, endpoints)
     if workload == "rooms":
         return rooms_workload(
-            args.sockets or 2000, args.room_size, args.senders_per_room, args.rate or 40.0, endpoints
+            args.sockets or 2000,
+            args.room_size,
+            args.senders_per_room,
+            args.rate or 40.0,
+            endpoints,
         )
     if workload == "idle":
         return idle_workload(args.idle_sockets, endpoints, args.chat_size, not args.idle_no_join)
@@ -767,10 +789,18 @@ def run_target(
     workload = args.sweep_of if args.workload == "sweep" else args.workload
     endpoints = 1 if name == "aiohttp" else args.gateways
     scenario = build_scenario(args, endpoints, workload)
-    rates = sweep_rates(args, scenario.send_rate) if args.workload == "sweep" else [scenario.send_rate]
-    steps_budget = len(rates) * (args.setup_timeout + len(scenario.clients) / 50 + args.duration + args.drain + 90)
+    rates = (
+        sweep_rates(args, scenario.send_rate) if args.workload == "sweep" else [scenario.send_rate]
+    )
+    steps_budget = len(rates) * (
+        args.setup_timeout + len(scenario.clients) / 50 + args.duration + args.drain + 90
+    )
     target = Target(name, args, run_dir, args.ready_timeout * 2 + steps_budget + 300)
-    out: dict[str, Any] = {"target": name, "workload": workload, "description": scenario.description}
+    out: dict[str, Any] = {
+        "target": name,
+        "workload": workload,
+        "description": scenario.description,
+    }
     try:
         say(f"{name}: starting ({scenario.description})")
         t0 = time.monotonic()
@@ -782,7 +812,9 @@ def run_target(
             step_scenario = scenario if rate == scenario.send_rate else with_rate(scenario, rate)
             tag = f"s{i}"
             label = f"{name} {workload}" + (f" @{rate:g}/s" if args.workload == "sweep" else "")
-            step = run_step(target, step_scenario, tag, args, label, report_dir / "steps" / f"{name}-{tag}")
+            step = run_step(
+                target, step_scenario, tag, args, label, report_dir / "steps" / f"{name}-{tag}"
+            )
             if args.workload == "sweep":
                 ok, why = step_ok(step, args.slo_p99_ms)
                 step["sustainable"] = ok
@@ -838,35 +870,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Load test of the chat gateway (and, with --peers, comparison stacks).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--workload", choices=("chat", "rooms", "idle", "history", "sweep"), default="chat")
-    p.add_argument("--peers", action="store_true", help="also run the socketio, channels and aiohttp peers")
-    p.add_argument("--targets", default="", help="comma list from ours,socketio,channels,aiohttp (overrides --peers)")
+    p.add_argument(
+        "--workload", choices=("chat", "rooms", "idle", "history", "sweep"), default="chat"
+    )
+    p.add_argument(
+        "--peers", action="store_true", help="also run the socketio, channels and aiohttp peers"
+    )
+    p.add_argument(
+        "--targets",
+        default="",
+        help="comma list from ours,socketio,channels,aiohttp (overrides --peers)",
+    )
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds per step")
-    p.add_argument("--rate", type=float, default=0.0, help="offered send_message/s in total (workload default when 0: chat 500, rooms 40, history writes 100)")
-    p.add_argument("--gateways", type=int, default=2, help="gateway processes (and socketio/channels peer processes)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="offered send_message/s in total (workload default when 0: chat 500, rooms 40, history writes 100)",
+    )
+    p.add_argument(
+        "--gateways",
+        type=int,
+        default=2,
+        help="gateway processes (and socketio/channels peer processes)",
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--loadgen-procs", type=int, default=1, help="load generator processes")
-    p.add_argument("--sockets", type=int, default=0, help="sockets (workload default when 0: chat 1000, rooms 2000)")
+    p.add_argument(
+        "--sockets",
+        type=int,
+        default=0,
+        help="sockets (workload default when 0: chat 1000, rooms 2000)",
+    )
     p.add_argument("--chat-size", type=int, default=5)
     p.add_argument("--room-size", type=int, default=200)
     p.add_argument("--senders-per-room", type=int, default=2)
-    p.add_argument("--idle-sockets", type=int, default=2000, help="idle: sockets per server process")
+    p.add_argument(
+        "--idle-sockets", type=int, default=2000, help="idle: sockets per server process"
+    )
     p.add_argument("--idle-no-join", action="store_true", help="idle: connect only, join no chat")
     p.add_argument("--history-prefill", type=int, default=20000)
     p.add_argument("--history-readers", type=int, default=20)
     p.add_argument("--history-rate", type=float, default=200.0)
     p.add_argument("--history-writers", type=int, default=200)
     p.add_argument("--sweep-of", choices=("chat", "rooms"), default="chat")
-    p.add_argument("--sweep-rates", default="", help="comma list of offered rates (else start at --rate, times --sweep-factor)")
+    p.add_argument(
+        "--sweep-rates",
+        default="",
+        help="comma list of offered rates (else start at --rate, times --sweep-factor)",
+    )
     p.add_argument("--sweep-factor", type=float, default=1.5)
     p.add_argument("--sweep-max-steps", type=int, default=6)
     p.add_argument("--slo-p99-ms", type=float, default=50.0)
     p.add_argument("--text-bytes", type=int, default=64)
-    p.add_argument("--drain", type=float, default=10.0, help="max seconds to wait for replies after the window")
+    p.add_argument(
+        "--drain", type=float, default=10.0, help="max seconds to wait for replies after the window"
+    )
     p.add_argument("--partitions", type=int, default=16)
     p.add_argument("--request-timeout", type=float, default=5.0)
     p.add_argument("--log-level", default="WARNING")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env for gateways and workers")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra env for gateways and workers",
+    )
     p.add_argument("--channels-layer", choices=("core", "pubsub"), default="core")
     p.add_argument("--connect-concurrency", type=int, default=64)
     p.add_argument("--setup-timeout", type=float, default=60.0)
@@ -912,6 +981,8 @@ def main(argv: list[str] | None = None) -> int:
         raise Interrupted()
 
     signal.signal(signal.SIGTERM, on_term)
+    # Explicitly, since a shell starting us in the background sets SIGINT to "ignore".
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     results = []
     started = time.monotonic()
     interrupted = False
@@ -927,9 +998,12 @@ def main(argv: list[str] | None = None) -> int:
     print(reporting.summary(report, report_dir))
     if interrupted:
         return 130
-    if any(r.get("setup_error") for r in results):
+    # The verdict is the gateway's: a peer that loses messages under the same load is a
+    # finding of the comparison (reported), not a failure of this project.
+    judged = [r for r in results if r["target"] == "ours"] or results
+    if any(r.get("setup_error") for r in judged):
         return 2
-    return 0 if all(r["passed"] for r in results) else 1
+    return 0 if judged and all(r["passed"] for r in judged) else 1
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ from tests.scale.common import (
     record,
 )
 
+# Strong references to fire-and-forget tasks (engine.io pongs).
+_BACKGROUND: set[asyncio.Future[None]] = set()
+
 HIST_NAMES = ("send_reply", "delivery", "history_reply", "join_reply", "send_lag")
 
 
@@ -93,7 +96,9 @@ class OursAdapter:
     ) -> None:
         await ws.send_str(orjson.dumps(frame).decode())
 
-    def decode(self, ws: aiohttp.ClientWebSocketResponse, data: str | bytes) -> list[dict[str, Any]]:
+    def decode(
+        self, ws: aiohttp.ClientWebSocketResponse, data: str | bytes
+    ) -> list[dict[str, Any]]:
         frame = orjson.loads(data)
         return [frame] if isinstance(frame, dict) else []
 
@@ -145,11 +150,15 @@ class SocketIOAdapter:
         payload = orjson.dumps([frame["event_type"], frame]).decode()
         await ws.send_str(f"42{rid}{payload}")
 
-    def decode(self, ws: aiohttp.ClientWebSocketResponse, data: str | bytes) -> list[dict[str, Any]]:
+    def decode(
+        self, ws: aiohttp.ClientWebSocketResponse, data: str | bytes
+    ) -> list[dict[str, Any]]:
         if isinstance(data, bytes):
             data = data.decode()
         if data == "2":  # engine.io ping: answer without blocking the reader
-            asyncio.ensure_future(ws.send_str("3"))
+            task = asyncio.ensure_future(ws.send_str("3"))
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
             return []
         if data.startswith("43"):
             i = 2
@@ -321,7 +330,7 @@ class LoadGen:
                         self.on_frame(client, frame, now)
                 elif msg.type == aiohttp.WSMsgType.ERROR:
                     break
-        except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError, ConnectionError):
             pass
         if not self.stopping:
             self.stats.counts["disconnects"] += 1
@@ -367,7 +376,7 @@ class LoadGen:
             try:
                 if not await asyncio.wait_for(fut, timeout):
                     return False
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.stats.errors["join_timeout"] += 1
                 return False
         return True
@@ -446,7 +455,7 @@ class LoadGen:
                         await self.adapter.handshake(ws)
                         client.ws = ws
                         break
-                    except (aiohttp.ClientError, ConnectionError, OSError, asyncio.TimeoutError):
+                    except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError):
                         self.stats.counts["connect_retries"] += 1
                         await asyncio.sleep(0.2 * (attempt + 1))
                 if client.ws is None:
@@ -564,9 +573,7 @@ class LoadGen:
             "errors": dict(stats.errors),
             "hist": {name: encode_hist(h) for name, h in stats.hist.items()},
             "timeline": {str(k): dict(v) for k, v in sorted(stats.timeline.items())},
-            "cpu_window_s": round(
-                (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 3
-            ),
+            "cpu_window_s": round((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 3),
             "cpu_total_s": round(usage.ru_utime + usage.ru_stime, 3),
             "maxrss_kb": usage.ru_maxrss,
             "clients": [
@@ -647,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(bounded())
-    except asyncio.TimeoutError:
+    except TimeoutError:
         print(f"loadgen {plan['proc']}: hit its {max_seconds:.0f}s limit", file=sys.stderr)
         return 3
     _say("DONE", {"out": plan["out"]})

@@ -235,7 +235,13 @@ class Supervisor:
                     child_mem = read_mem_kb(child)
                     rss += child_mem.get("VmRSS", 0)
                     hwm += child_mem.get("VmHWM", 0)
-            out[proc.pid] = {"name": proc.name, "kind": proc.kind, "cpu_s": cpu, "rss_kb": rss, "hwm_kb": hwm}
+            out[proc.pid] = {
+                "name": proc.name,
+                "kind": proc.kind,
+                "cpu_s": cpu,
+                "rss_kb": rss,
+                "hwm_kb": hwm,
+            }
         return out
 
 

@@ -133,8 +133,14 @@ def build(
         ],
     }
     if args.workload == "sweep":
-        report["sustainable_send_rate"] = {r["target"]: r.get("sustainable_send_rate") for r in results}
-    report["passed"] = bool(results) and all(r.get("passed") for r in results)
+        report["sustainable_send_rate"] = {
+            r["target"]: r.get("sustainable_send_rate") for r in results
+        }
+    judged = [r for r in results if r["target"] == "ours"] or results
+    report["passed"] = bool(judged) and all(r.get("passed") for r in judged)
+    report["verdict_basis"] = (
+        "ours" if any(r["target"] == "ours" for r in results) else "all targets"
+    )
     return report
 
 
@@ -144,7 +150,7 @@ def write(report: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "report.md").write_text(markdown(report))
     try:
         chart(report, out_dir / "chart.png")
-    except Exception as exc:  # noqa: BLE001 - a chart failure must not lose the report
+    except Exception as exc:
         (out_dir / "chart-error.txt").write_text(repr(exc))
 
 
@@ -164,7 +170,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, kernel {m['kernel']}; "
         f"git {report['git_rev']}; wall time {report['wall_s']} s.",
         "",
-        f"Verdict: **{'PASSED' if report['passed'] else 'FAILED'}**"
+        f"Verdict ({report['verdict_basis']}): **{'PASSED' if report['passed'] else 'FAILED'}**"
         + (" (interrupted)" if report.get("interrupted") else ""),
         "",
     ]
@@ -177,7 +183,10 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         if r.get("sustainable_send_rate") is not None or report["workload"] == "sweep":
             bound = "" if r.get("sweep_limit_reached") else " (no step failed: the limit is higher)"
-            lines += ["", f"Sustainable send rate: **{_fmt(r.get('sustainable_send_rate'))}/s**{bound}"]
+            lines += [
+                "",
+                f"Sustainable send rate: **{_fmt(r.get('sustainable_send_rate'))}/s**{bound}",
+            ]
         lines.append("")
         lines.append(
             "| offered sends/s | sends/s | acked/s | deliveries/s | history/s | server cores | "
@@ -210,10 +219,19 @@ def markdown(report: dict[str, Any]) -> str:
                 )
         last = r["steps"][-1] if r["steps"] else None
         if last:
-            lines += ["", "Errors by type: " + (json.dumps(last["errors"]) if last["errors"] else "none")]
+            lines += [
+                "",
+                "Errors by type: " + (json.dumps(last["errors"]) if last["errors"] else "none"),
+            ]
             if last["unanswered"]:
-                lines.append(f"Unanswered at the end of the drain: {json.dumps(last['unanswered'])}")
-            lines += ["", "CPU seconds in the measured window, by process kind: " + json.dumps(last["cpu_s_window"])]
+                lines.append(
+                    f"Unanswered at the end of the drain: {json.dumps(last['unanswered'])}"
+                )
+            lines += [
+                "",
+                "CPU seconds in the measured window, by process kind: "
+                + json.dumps(last["cpu_s_window"]),
+            ]
             lines += [
                 "",
                 "RSS growth per connected socket (KiB): "
@@ -231,12 +249,25 @@ def markdown(report: dict[str, Any]) -> str:
                 "out_of_order_ids", "out_of_order_per_sender", "acked_not_stored", "unanswered",
                 "connect_failed", "join_failed", "disconnects",
             ]  # fmt: skip
-            lines += ["", "Verification" + (" (against MongoDB)" if v["storage_checked"] else " (no storage: acks vs deliveries)") + ":", ""]
+            lines += [
+                "",
+                "Verification"
+                + (
+                    " (against MongoDB)"
+                    if v["storage_checked"]
+                    else " (no storage: acks vs deliveries)"
+                )
+                + ":",
+                "",
+            ]
             lines.append("| " + " | ".join(keys) + " |")
             lines.append("|" + "---|" * len(keys))
             lines.append("| " + " | ".join(_fmt(v.get(k, 0)) for k in keys) + " |")
             if v["failures"]:
-                lines += ["", f"FAILED checks: {v['failures']}; examples: `{json.dumps(v['examples'])[:1500]}`"]
+                lines += [
+                    "",
+                    f"FAILED checks: {v['failures']}; examples: `{json.dumps(v['examples'])[:1500]}`",
+                ]
         lines.append("")
     rat = report.get("ratios_ours_over_peer")
     if rat:
@@ -262,7 +293,12 @@ def chart(report: dict[str, Any], path: Path) -> None:
     if not results:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = {"ours": "tab:blue", "socketio": "tab:orange", "channels": "tab:green", "aiohttp": "tab:red"}
+    colors = {
+        "ours": "tab:blue",
+        "socketio": "tab:orange",
+        "channels": "tab:green",
+        "aiohttp": "tab:red",
+    }
     multi = any(len(r["steps"]) > 1 for r in results)
     if report["base_workload"] == "idle":
         names = [r["target"] for r in results]
@@ -285,25 +321,49 @@ def chart(report: dict[str, Any], path: Path) -> None:
                 for pct, marker in (("p50", "o"), ("p99", "^")):
                     ys = [s["latency_ms"][kind][pct] for s in r["steps"]]
                     if any(y is not None for y in ys):
-                        ax1.plot(xs, [y if y is not None else float("nan") for y in ys],
-                                 linestyle=style, marker=marker, color=color,
-                                 alpha=1.0 if pct == "p99" else 0.55,
-                                 label=f"{r['target']} {kind} {pct}")
-            ax2.plot(xs, [s["achieved"]["acked_per_s"] for s in r["steps"]], "-o", color=color,
-                     label=f"{r['target']} acked sends/s")
-            ax2.plot(xs, [s["achieved"]["deliveries_per_s"] for s in r["steps"]], "--s", color=color,
-                     alpha=0.6, label=f"{r['target']} deliveries/s")
+                        ax1.plot(
+                            xs,
+                            [y if y is not None else float("nan") for y in ys],
+                            linestyle=style,
+                            marker=marker,
+                            color=color,
+                            alpha=1.0 if pct == "p99" else 0.55,
+                            label=f"{r['target']} {kind} {pct}",
+                        )
+            ax2.plot(
+                xs,
+                [s["achieved"]["acked_per_s"] for s in r["steps"]],
+                "-o",
+                color=color,
+                label=f"{r['target']} acked sends/s",
+            )
+            ax2.plot(
+                xs,
+                [s["achieved"]["deliveries_per_s"] for s in r["steps"]],
+                "--s",
+                color=color,
+                alpha=0.6,
+                label=f"{r['target']} deliveries/s",
+            )
         ax1.set_xlabel("offered sends/s")
         ax1.set_yscale("log")
-        ax1.axhline(report["params"].get("slo_p99_ms", 50), color="grey", linestyle=":", label="p99 SLO")
+        ax1.axhline(
+            report["params"].get("slo_p99_ms", 50), color="grey", linestyle=":", label="p99 SLO"
+        )
         ax2.set_xlabel("offered sends/s")
         lim = max(max(s["offered_send_rate"] for s in r["steps"]) for r in results)
         ax2.plot([0, lim], [0, lim], ":", color="grey", label="offered sends/s")
     else:
         names = [r["target"] for r in results]
         pcts = ("p50", "p90", "p99", "p99_9")
-        kind = "delivery" if any(r["steps"][-1]["latency_ms"]["delivery"]["count"] for r in results) else (
-            "history_reply" if any(r["steps"][-1]["latency_ms"]["history_reply"]["count"] for r in results) else "send_reply"
+        kind = (
+            "delivery"
+            if any(r["steps"][-1]["latency_ms"]["delivery"]["count"] for r in results)
+            else (
+                "history_reply"
+                if any(r["steps"][-1]["latency_ms"]["history_reply"]["count"] for r in results)
+                else "send_reply"
+            )
         )
         width = 0.8 / len(pcts)
         for i, pct in enumerate(pcts):
@@ -311,7 +371,9 @@ def chart(report: dict[str, Any], path: Path) -> None:
             ax1.bar([x + i * width for x in range(len(names))], vals, width, label=pct)
         ax1.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names)
         ax1.set_yscale("log")
-        ax1.set_xlabel(f"{kind} latency at {results[0]['steps'][-1]['offered_send_rate']:g} sends/s offered")
+        ax1.set_xlabel(
+            f"{kind} latency at {results[0]['steps'][-1]['offered_send_rate']:g} sends/s offered"
+        )
         metrics = ("sends_per_s", "acked_per_s", "deliveries_per_s")
         width = 0.8 / len(metrics)
         for i, key in enumerate(metrics):
@@ -334,10 +396,18 @@ def chart(report: dict[str, Any], path: Path) -> None:
 
 
 def summary(report: dict[str, Any], out_dir: Path) -> str:
-    lines = ["", f"== scale {report['workload']}: {'PASSED' if report['passed'] else 'FAILED'} =="]
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    if report.get("interrupted"):
+        verdict = "INTERRUPTED"
+    lines = [
+        "",
+        f"== scale {report['workload']}: {verdict} (judged on {report['verdict_basis']}) ==",
+    ]
     for r in report["results"]:
         if r.get("setup_error"):
-            lines.append(f"{r['target']:>9}: setup failed: {r['setup_error'].splitlines()[0][:200]}")
+            lines.append(
+                f"{r['target']:>9}: setup failed: {r['setup_error'].splitlines()[0][:200]}"
+            )
             continue
         for s in r["steps"]:
             a, lat, c = s["achieved"], s["latency_ms"], s["cpu"]

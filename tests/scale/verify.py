@@ -13,6 +13,7 @@ in MongoDB for this step (found by the step's ``client_msg_id`` prefix).
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from typing import Any
 
@@ -79,7 +80,11 @@ def verify(
             unique = set(seqs)
             problem("stored_duplicate_id", len(seqs) - len(unique), chat)
             if seqs:
-                problem("stored_id_gap", (seqs[-1] - seqs[0] + 1) - len(unique), [chat, seqs[0], seqs[-1]])
+                problem(
+                    "stored_id_gap",
+                    (seqs[-1] - seqs[0] + 1) - len(unique),
+                    [chat, seqs[0], seqs[-1]],
+                )
             seen_cmid: set[str] = set()
             for seq, cmid in rows:
                 sk = _sender_of_cmid(cmid)
@@ -136,7 +141,7 @@ def verify(
                 )
             # Order: ids strictly increasing where the server assigns ids; per sender always.
             if ids and all(i >= 0 for i in ids):
-                bad = sum(1 for a, b in zip(ids, ids[1:]) if b <= a)
+                bad = sum(1 for a, b in itertools.pairwise(ids) if b <= a)
                 problem("out_of_order_ids", bad, [gid, chat])
             last_k: dict[int, int] = {}
             bad_fifo = 0

@@ -51,7 +51,9 @@ def _phase(rng: random.Random, rate: float) -> float:
     return rng.random() / rate
 
 
-def chat_workload(sockets: int, chat_size: int, rate: float, endpoints: int, seed: int = 1) -> Scenario:
+def chat_workload(
+    sockets: int, chat_size: int, rate: float, endpoints: int, seed: int = 1
+) -> Scenario:
     """``sockets`` users in chats of ``chat_size``; every member sends, ``rate`` in total."""
     chat_size = max(2, chat_size)
     n_chats = max(1, sockets // chat_size)
@@ -137,8 +139,10 @@ def history_workload(
 ) -> Scenario:
     """``get_history`` of a page from a chat prefilled with ``prefill`` messages, at
     ``history_rate`` in total, while ``writers`` sockets send ``write_rate`` in other chats."""
-    scenario = chat_workload(writers, chat_size, write_rate, endpoints) if writers else Scenario(
-        "chat", [], {}, 0.0
+    scenario = (
+        chat_workload(writers, chat_size, write_rate, endpoints)
+        if writers
+        else Scenario("chat", [], {}, 0.0)
     )
     rng = random.Random(seed)
     base = len(scenario.clients)

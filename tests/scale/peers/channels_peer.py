@@ -17,7 +17,7 @@ from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.scale.peers.channels_settings")
 
-import django  # noqa: E402
+import django
 
 django.setup()
 
@@ -74,6 +74,4 @@ class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             await self.send(text_data=event["push"])
 
 
-application = ProtocolTypeRouter(
-    {"websocket": URLRouter([path("ws", ChatConsumer.as_asgi())])}
-)
+application = ProtocolTypeRouter({"websocket": URLRouter([path("ws", ChatConsumer.as_asgi())])})

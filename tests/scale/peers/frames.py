@@ -7,10 +7,12 @@ from typing import Any
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
-def reply(event_type: str, messages: list[dict[str, Any]] | None, request_id: Any) -> dict[str, Any]:
+def reply(
+    event_type: str, messages: list[dict[str, Any]] | None, request_id: Any
+) -> dict[str, Any]:
     frame: dict[str, Any] = {
         "type": "success",
         "event_type": event_type,
@@ -23,7 +25,12 @@ def reply(event_type: str, messages: list[dict[str, Any]] | None, request_id: An
 
 
 def error(kind: str, detail: str, event_type: Any, request_id: Any) -> dict[str, Any]:
-    frame: dict[str, Any] = {"type": kind, "event_type": event_type, "messages": None, "detail": detail}
+    frame: dict[str, Any] = {
+        "type": kind,
+        "event_type": event_type,
+        "messages": None,
+        "detail": detail,
+    }
     if request_id is not None:
         frame["request_id"] = request_id
     return frame
