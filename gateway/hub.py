@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -41,6 +41,19 @@ from .subscriber import Subscriber
 
 log = logging.getLogger(__name__)
 
+# Pushes held per chat while its gap is being filled; beyond it the next fill fetches them.
+MAX_FILL_BUFFER = 10_000
+MAX_FILL_ATTEMPTS = 3
+
+
+@dataclass(slots=True)
+class Fill:
+    """A history fetch in flight for one chat, and the pushes that arrived meanwhile."""
+
+    waiting: list[Push]
+    after: int
+    attempt: int = 1
+
 
 @dataclass(slots=True)
 class Pending:
@@ -53,8 +66,7 @@ class Pending:
     received_at: float
     digest: str
     timer: asyncio.TimerHandle | None = None
-    # Internal gap fills carry the frames to deliver after them.
-    fill: list[Push] | None = field(default=None)
+    fill: bool = False  # an internal gap fill, not a client's request
 
 
 class Hub:
@@ -80,7 +92,7 @@ class Hub:
         self._req_ids = itertools.count(1)
         # Token digests that authorised (conn, chat): used to fill gaps on its behalf.
         self._grant_tokens: dict[tuple[int, str], str] = {}
-        self._filling: dict[tuple[int, str], list[Push]] = {}
+        self._fills: dict[str, Fill] = {}
         self.subscriber = subscriber_factory(self)
 
     # -- connections -------------------------------------------------------------
@@ -106,7 +118,6 @@ class Hub:
                 if not members:
                     del self.chats[chat_id]
             self._grant_tokens.pop((conn.conn_id, chat_id), None)
-            self._filling.pop((conn.conn_id, chat_id), None)
             self.subscriber.release(self.keys.chat_channel(chat_id))
         conn.chats.clear()
         self.metrics.sockets_open.set(len(self.connections))
@@ -148,9 +159,11 @@ class Hub:
         request_id: str | None,
         digest: str,
         received_at: float,
-        fill: list[Push] | None = None,
-    ) -> None:
-        """XADD one request (the caller holds a reference on the chat's channel)."""
+        fill: bool = False,
+    ) -> bool:
+        """XADD one request (the caller holds a reference on the chat's channel).
+
+        Returns False, with the reference released, when the request was refused."""
         req = next(self._req_ids)
         entry = StreamEntry(
             node=self.node_id,
@@ -166,15 +179,16 @@ class Hub:
         stream = self.keys.stream(partition_of(chat_id, self.settings.partitions))
         if not self.producer.submit(stream, encode_stream_entry(entry)):
             self.subscriber.release(self.keys.chat_channel(chat_id))
-            if fill is None:
+            if not fill:
                 self._fail(conn, event_type, request_id, "Server is overloaded, retry later")
-            return
+            return False
         pending = Pending(conn, chat_id, event_type, request_id, received_at, digest, fill=fill)
         pending.timer = asyncio.get_running_loop().call_later(
             self.settings.request_timeout, self._timeout, req
         )
         self.pending[req] = pending
         self.metrics.requests_in_flight.set(len(self.pending))
+        return True
 
     def _fail(self, conn: Connection, event_type: str, request_id: str | None, detail: str) -> None:
         frame = protocol.encode_reply(protocol.SERVER_ERROR, event_type, None, detail, request_id)
@@ -186,9 +200,8 @@ class Hub:
             return
         self.metrics.requests_in_flight.set(len(self.pending))
         self.subscriber.release(self.keys.chat_channel(pending.chat_id))
-        if pending.fill is not None:
-            # A gap fill that got no answer: deliver what waited rather than hold it.
-            self._end_fill(pending.conn, pending.chat_id, None)
+        if pending.fill:
+            self._finish_fill(pending.chat_id, None)
             return
         self.metrics.request_timeouts.inc()
         self._observe(pending)
@@ -222,9 +235,9 @@ class Hub:
             pending.timer.cancel()
         conn = pending.conn
         channel = self.keys.chat_channel(pending.chat_id)
-        if pending.fill is not None:
+        if pending.fill:
             self.subscriber.release(channel)
-            self._end_fill(conn, pending.chat_id, reply.frame)
+            self._finish_fill(pending.chat_id, reply.frame)
             return
         if not conn.closed:
             if reply.grant is not None:
@@ -264,30 +277,39 @@ class Hub:
         self._grant_tokens.pop((conn.conn_id, chat_id), None)
         self.subscriber.release(self.keys.chat_channel(chat_id))
 
-    def _on_push(self, chat_id: str, push: Push) -> None:
+    def _on_push(self, chat_id: str, push: Push, *, may_fill: bool = True) -> None:
         members = self.chats.get(chat_id)
         if not members:
             return
+        fill = self._fills.get(chat_id)
+        if fill is not None:
+            # Delivered in order once the history in front of them has been sent.
+            # At the bound they are dropped here and fetched by the next fill instead.
+            if len(fill.waiting) < MAX_FILL_BUFFER:
+                fill.waiting.append(push)
+            return
+        origin_here = push.origin_node == self.node_id
+        if may_fill:
+            behind = [
+                state.last_seq
+                for conn in members.values()
+                if (state := conn.chats.get(chat_id)) is not None
+                and push.seq > state.last_seq + 1
+                and not (origin_here and conn.conn_id == push.origin_conn)
+            ]
+            if behind and self._start_fill(chat_id, min(behind), [push]):
+                return
         now = time.time()
         wire_mine: bytes | None = None
         wire_other: bytes | None = None
-        origin_here = push.origin_node == self.node_id
         delivered = 0
         for conn in list(members.values()):
             state = conn.chats.get(chat_id)
             if state is None or push.seq <= state.last_seq:
                 continue
-            if origin_here and conn.conn_id == push.origin_conn:
-                state.last_seq = push.seq  # the author's socket got it as its reply
-                continue
-            waiting = self._filling.get((conn.conn_id, chat_id))
-            if waiting is not None:
-                waiting.append(push)
-                continue
-            if push.seq > state.last_seq + 1:
-                self._start_fill(conn, chat_id, state, push)
-                continue
             state.last_seq = push.seq
+            if origin_here and conn.conn_id == push.origin_conn:
+                continue  # the author's socket got this message as its reply
             if state.user_id == push.author:
                 if wire_mine is None:
                     wire_mine = text_frame(push.mine)
@@ -303,73 +325,104 @@ class Hub:
             self.metrics.delivery_seconds.observe(max(0.0, now - push.stored_at))
 
     # -- gap recovery ------------------------------------------------------------
+    #
+    # Pub/sub drops what is published while a subscriber is disconnected. Ids are
+    # sequential per chat, so a socket that was sent id N and now sees N+2 missed N+1.
+    # One history fetch per chat (not per socket) then brings every local socket of the
+    # chat up to date, page by page, and the pushes that arrived meanwhile follow it.
 
-    def _start_fill(self, conn: Connection, chat_id: str, state: ChatState, push: Push) -> None:
-        digest = self._grant_tokens.get((conn.conn_id, chat_id))
-        if digest is None:
-            state.last_seq = push.seq
-            return
-        self.metrics.gaps_filled.inc()
-        waiting = [push]
-        self._filling[(conn.conn_id, chat_id)] = waiting
+    def _start_fill(self, chat_id: str, after: int, waiting: list[Push], attempt: int = 1) -> bool:
+        """Fetch the chat's messages after ``after`` through the worker; False if impossible."""
+        members = self.chats.get(chat_id) or {}
+        owner = next(
+            (c for c in members.values() if (c.conn_id, chat_id) in self._grant_tokens), None
+        )
+        if owner is None:
+            return False
+        fill = Fill(waiting=waiting, after=after, attempt=attempt)
+        self._fills[chat_id] = fill
         self.subscriber.hold(self.keys.chat_channel(chat_id))
-        query = {"after_id": state.last_seq, "limit": protocol.HISTORY_MAX_LIMIT}
-        self._forward(
-            conn,
+        submitted = self._forward(
+            owner,
             chat_id,
             protocol.GET_HISTORY,
-            query,
+            {"after_id": after, "limit": protocol.HISTORY_MAX_LIMIT},
             None,
-            digest,
+            self._grant_tokens[(owner.conn_id, chat_id)],
             time.monotonic(),
-            fill=waiting,
+            fill=True,
         )
+        if not submitted:
+            self._fills.pop(chat_id, None)
+            return False
+        self.metrics.gap_fills.inc()
+        return True
 
-    def _end_fill(self, conn: Connection, chat_id: str, frame: bytes | None) -> None:
-        waiting = self._filling.pop((conn.conn_id, chat_id), None)
-        state = conn.chats.get(chat_id)
-        if waiting is None or state is None or conn.closed:
+    def _finish_fill(self, chat_id: str, frame: bytes | None) -> None:
+        fill = self._fills.pop(chat_id, None)
+        if fill is None:
             return
-        if frame is not None:
-            for message in _history_messages(frame):
-                seq = int(message["id"])
-                if seq > state.last_seq:
-                    state.last_seq = seq
-                    payload = protocol.encode_reply(
-                        protocol.SUCCESS,
-                        protocol.SEND_FILE
-                        if message["type"] != protocol.TEXT
-                        else protocol.SEND_MESSAGE,
-                        [message],
-                        protocol.DETAIL_SUCCESS,
-                    )
-                    conn.send(payload)
+        if frame is None:
+            # No answer in time (workers busy or down): try again a few times, then let
+            # the pushes through; a socket can still catch up itself with after_id.
+            if fill.attempt < MAX_FILL_ATTEMPTS and self._start_fill(
+                chat_id, fill.after, fill.waiting, fill.attempt + 1
+            ):
+                return
+            self.metrics.gaps_unfilled.inc()
+            self._replay(chat_id, fill.waiting)
+            return
+        messages = _history_messages(frame)
+        self._deliver_history(chat_id, messages)
+        if len(messages) >= protocol.HISTORY_MAX_LIMIT:
+            # A full page: there is more between it and the waiting pushes.
+            last = int(messages[-1]["id"])
+            if self._start_fill(chat_id, last, fill.waiting):
+                return
+        self._replay(chat_id, fill.waiting)
+
+    def _replay(self, chat_id: str, waiting: list[Push]) -> None:
+        # A gap still open after a completed fill cannot be filled (the ids are not in
+        # history); deliver rather than loop.
         for push in waiting:
-            if push.seq > state.last_seq:
-                state.last_seq = push.seq
-                conn.send(push.mine if state.user_id == push.author else push.other)
+            self._on_push(chat_id, push, may_fill=False)
+
+    def _deliver_history(self, chat_id: str, messages: list[dict[str, Any]]) -> None:
+        members = self.chats.get(chat_id)
+        if not members or not messages:
+            return
+        variants: dict[int, tuple[bytes, bytes]] = {}
+        recovered = 0
+        for conn in list(members.values()):
+            state = conn.chats.get(chat_id)
+            if state is None:
+                continue
+            for message in messages:
+                seq = int(message["id"])
+                if seq <= state.last_seq:
+                    continue
+                state.last_seq = seq
+                if seq not in variants:
+                    variants[seq] = _push_variants(message)
+                mine, other = variants[seq]
+                conn.send(mine if message["user_id"] == state.user_id else other)
+                recovered += 1
+        if recovered:
+            self.metrics.gaps_filled.inc(recovered)
+            self.metrics.deliveries.inc(recovered)
+            self.metrics.frames_out.labels("push").inc(recovered)
 
     def on_resubscribed(self) -> None:
-        """After a reconnect: every socket may have missed pushes; fetch what came after."""
+        """After a (re)connect: fetch what every local chat may have missed meanwhile."""
         for chat_id, members in list(self.chats.items()):
-            for conn in list(members.values()):
-                state = conn.chats.get(chat_id)
-                key = (conn.conn_id, chat_id)
-                if state is None or key in self._filling or key not in self._grant_tokens:
-                    continue
-                waiting: list[Push] = []
-                self._filling[key] = waiting
-                self.subscriber.hold(self.keys.chat_channel(chat_id))
-                self._forward(
-                    conn,
-                    chat_id,
-                    protocol.GET_HISTORY,
-                    {"after_id": state.last_seq, "limit": protocol.HISTORY_MAX_LIMIT},
-                    None,
-                    self._grant_tokens[key],
-                    time.monotonic(),
-                    fill=waiting,
-                )
+            if chat_id in self._fills or not members:
+                continue
+            after = min(
+                (state.last_seq for c in members.values() if (state := c.chats.get(chat_id))),
+                default=None,
+            )
+            if after is not None:
+                self._start_fill(chat_id, after, [])
 
 
 def _reply_type(frame: bytes) -> str:
@@ -385,3 +438,15 @@ def _history_messages(frame: bytes) -> list[dict[str, Any]]:
         return []
     messages = body.get("messages") or []
     return [m for m in messages if isinstance(m, dict)]
+
+
+def _push_variants(message: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The push frames (is_my true, false) of a message read back from history."""
+    event = protocol.SEND_MESSAGE if message["type"] == protocol.TEXT else protocol.SEND_FILE
+    frames = []
+    for is_my in (True, False):
+        view = dict(message, is_my=is_my)
+        frames.append(
+            protocol.encode_reply(protocol.SUCCESS, event, [view], protocol.DETAIL_SUCCESS)
+        )
+    return frames[0], frames[1]

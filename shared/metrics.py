@@ -85,7 +85,17 @@ class GatewayMetrics:
         )
         self.gaps_filled = Counter(
             "chat_gateway_gaps_filled",
-            "Missed pushes detected by sequence id and fetched from history.",
+            "Missed pushes detected by sequence id and delivered from history.",
+            registry=r,
+        )
+        self.gap_fills = Counter(
+            "chat_gateway_gap_fills",
+            "History fetches started to fill a chat's gap (after a reconnect or a jump in ids).",
+            registry=r,
+        )
+        self.gaps_unfilled = Counter(
+            "chat_gateway_gaps_unfilled",
+            "Gap fills given up after repeated timeouts (sockets may have missed messages).",
             registry=r,
         )
         self.redis_reconnects = redis_reconnects(r)

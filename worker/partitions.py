@@ -64,6 +64,7 @@ class PartitionManager:
         self._valid_until: dict[int, float] = {}
         self._fresh: set[int] = set()  # acquired, pending entries not yet recovered
         self._surplus: set[int] = set()  # to hand back between batches
+        self._free_seen: dict[int, int] = {}  # partition -> rounds seen without an owner
         self._changed = asyncio.Event()
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
@@ -123,7 +124,8 @@ class PartitionManager:
         now_wall = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(self.keys.workers, {self.node_id: now_wall})
-            pipe.zremrangebyscore(self.keys.workers, "-inf", now_wall - 3 * self.lease)
+            # A worker silent for a lease and a half is dead: its leases have expired too.
+            pipe.zremrangebyscore(self.keys.workers, "-inf", now_wall - 1.5 * self.lease)
             pipe.zcard(self.keys.workers)
             _, _, live = await pipe.execute()
         ms = int(self.lease * 1000)
@@ -138,27 +140,41 @@ class PartitionManager:
         if self.stopping:
             return
         share = math.ceil(self.partitions / max(1, int(live)))
-        if len(self._valid_until) < share:
-            await self._acquire(share - len(self._valid_until), ms)
-        elif len(self._valid_until) > share:
+        await self._acquire(share - len(self._valid_until), ms)
+        if len(self._valid_until) > share:
             extra = len(self._valid_until) - share - len(self._surplus)
             for partition in sorted(self._valid_until, reverse=True)[: max(0, extra)]:
                 self._surplus.add(partition)
         self.metrics.partitions_owned.set(len(self._valid_until))
 
     async def _acquire(self, wanted: int, ms: int) -> None:
-        # Start at a per-worker offset so workers do not all race for partition 0.
+        """Take free partitions: up to ``wanted`` at once, and any left free for two rounds.
+
+        The second rule means no partition stays unowned while a worker lives, even when
+        every survivor already has its fair share; the two-round wait lets a worker that is
+        below its share (and ticks as often) take it first.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for partition in range(self.partitions):
+                pipe.exists(self.keys.lease(partition))
+            taken = await pipe.execute()
+        free = [p for p in range(self.partitions) if not taken[p] and p not in self._valid_until]
+        for partition in list(self._free_seen):
+            if partition not in free:
+                del self._free_seen[partition]
+        # Start at a per-worker offset so workers do not all race for the same partition.
         offset = hash(self.node_id) % self.partitions
-        for i in range(self.partitions):
-            if wanted <= 0:
-                break
-            partition = (offset + i) % self.partitions
-            if partition in self._valid_until:
+        free.sort(key=lambda p: (p - offset) % self.partitions)
+        for partition in free:
+            seen = self._free_seen.get(partition, 0) + 1
+            self._free_seen[partition] = seen
+            if wanted <= 0 and seen < 2:
                 continue
             started = time.monotonic()
             if await self.redis.set(self.keys.lease(partition), self.node_id, nx=True, px=ms):
                 self._valid_until[partition] = started + 0.9 * self.lease
                 self._fresh.add(partition)
+                self._free_seen.pop(partition, None)
                 wanted -= 1
                 log.info("partition acquired", extra={"partition": partition})
                 self._changed.set()
