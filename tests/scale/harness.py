@@ -460,6 +460,33 @@ def cpu_by_kind(
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def other_cpu_cores(target: Target, seconds: float) -> float:
+    """Cores used over ``seconds`` by processes that are not part of this run."""
+    mine0, busy0, self0 = target.sup.sample(), machine_busy_seconds(), _self_cpu()
+    time.sleep(seconds)
+    mine1, busy1, self1 = target.sup.sample(), machine_busy_seconds(), _self_cpu()
+    ours = sum(cpu_by_kind(mine0, mine1).values()) + (self1 - self0)
+    return max(0.0, (busy1 - busy0) - ours) / seconds
+
+
+def wait_for_quiet_machine(target: Target, max_wait: float, threshold: float) -> None:
+    """Give other work on the machine (other tests) up to ``max_wait`` s to calm down."""
+    if max_wait <= 0:
+        return
+    deadline = time.monotonic() + max_wait
+    other = other_cpu_cores(target, 1.0)
+    if other <= threshold:
+        return
+    say(
+        f"other processes use {other:.2f} cores; waiting up to {max_wait:.0f}s for a quieter machine"
+    )
+    while time.monotonic() < deadline:
+        other = other_cpu_cores(target, 1.0)
+        if other <= threshold:
+            return
+    say(f"machine still busy ({other:.2f} cores used by others): figures may be disturbed")
+
+
 def run_step(
     target: Target,
     scenario: Scenario,
@@ -473,6 +500,7 @@ def run_step(
     n_procs = max(1, args.loadgen_procs)
     duration = float(args.duration)
     setup_timeout = args.setup_timeout + len(scenario.clients) / 50.0
+    wait_for_quiet_machine(target, args.quiet_wait, args.quiet_cores)
     baseline = target.sup.sample()
     loadgens: list[Proc] = []
     lines: queue.Queue[tuple[int, str, dict[str, Any]]] = queue.Queue()
@@ -558,6 +586,7 @@ def run_step(
         time.sleep(max(0.0, (go_ns - time.monotonic_ns()) / 1e9))
         s0 = target.sup.sample()
         busy0 = machine_busy_seconds()
+        self0 = _self_cpu()
         progress = Progress(label, duration)
         latest: dict[int, dict[str, Any]] = {}
         samples: list[dict[str, Any]] = []
@@ -581,6 +610,7 @@ def run_step(
                 next_sample += 1.0
         s1 = target.sup.sample()
         busy1 = machine_busy_seconds()
+        self1 = _self_cpu()
         progress.update(duration, _sum(latest), force=True)
         progress.done()
 
@@ -638,7 +668,8 @@ def run_step(
     deliveries = counts.get("deliveries", 0)
     # CPU used on the machine by processes that are not part of this run (other users'
     # tests, the harness itself): when large, the figures of this step are disturbed.
-    background = max(0.0, (busy1 - busy0) - server_cpu - loadgen_cpu)
+    harness_cpu = self1 - self0
+    background = max(0.0, (busy1 - busy0) - server_cpu - loadgen_cpu - harness_cpu)
     # Memory: peak RSS (VmHWM) per process, and RSS growth per connected socket.
     procs_mem = {}
     for info in s2.values():
@@ -694,6 +725,7 @@ def run_step(
             "server_cores": round(server_cpu / duration, 3),
             "loadgen_cores": round(loadgen_cpu / duration, 3),
             "other_cores": round(background / duration, 3),
+            "harness_cores": round(harness_cpu / duration, 3),
             "server_us_per_send": round(server_cpu * 1e6 / sent, 1) if sent else None,
             "server_us_per_delivery": round(server_cpu * 1e6 / deliveries, 1)
             if deliveries
@@ -710,9 +742,17 @@ def run_step(
         "cpu_timeline": samples,
         "verification": verification,
         "passed": verification["passed"],
+        # Other processes used a noticeable share of the 2 cores during the window.
+        "disturbed": background / duration > args.quiet_cores,
     }
     (step_dir / "step.json").write_text(json.dumps(step, indent=1))
     return step
+
+
+def _self_cpu() -> float:
+    """CPU seconds of this harness process (its sampling and progress display)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _sum(latest: dict[int, dict[str, Any]]) -> dict[str, int]:
@@ -862,6 +902,11 @@ def _print_step(step: dict[str, Any]) -> None:
         f"  server CPU {step['cpu']['server_cores']} cores, loadgen {step['cpu']['loadgen_cores']} cores; "
         f"errors {step['errors'] or 0}; verification {'PASSED' if v['passed'] else 'FAILED ' + str(v['failures'])}"
     )
+    if step["disturbed"]:
+        say(
+            f"  WARNING: other processes used {step['cpu']['other_cores']} cores during this "
+            "window: latencies are disturbed; repeat on a quiet machine"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -940,6 +985,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connect-concurrency", type=int, default=64)
     p.add_argument("--setup-timeout", type=float, default=60.0)
     p.add_argument("--ready-timeout", type=float, default=60.0)
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="max seconds to wait before a step for other processes to use less than --quiet-cores",
+    )
+    p.add_argument(
+        "--quiet-cores",
+        type=float,
+        default=0.25,
+        help="CPU (cores) used by processes outside the run above which a step is flagged as disturbed",
+    )
     p.add_argument("--out", default="reports")
     p.add_argument("--data-dir", default=".var/scale")
     p.add_argument("--keep-data", action="store_true")

@@ -196,6 +196,8 @@ def markdown(report: dict[str, Any]) -> str:
         for s in r["steps"]:
             a, c = s["achieved"], s["cpu"]
             verdict = "pass" if s["passed"] else "FAIL " + ",".join(s["verification"]["failures"])
+            if s.get("disturbed"):
+                verdict += "; DISTURBED by other processes"
             if "sustainable" in s:
                 verdict += "; " + ("sustainable" if s["sustainable"] else s["verdict"])
             lines.append(
@@ -427,6 +429,8 @@ def summary(report: dict[str, Any], out_dir: Path) -> str:
                 f"other {c.get('other_cores')} cores | "
                 f"errors {sum(s['errors'].values())} | {'ok' if s['passed'] else 'FAILED ' + ','.join(s['verification']['failures'])}"
             )
+            if s.get("disturbed"):
+                text += " | DISTURBED (other processes were busy)"
             if report["workload"] == "idle":
                 per = s["memory"]["rss_kb_per_connection"]
                 text += f" | RSS/conn KiB {per} | server µs/socket/s {_fmt(c['server_us_per_socket_second'])}"
