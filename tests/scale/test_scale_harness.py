@@ -1,0 +1,160 @@
+"""Checks of the scale harness itself: its verifier, wire codecs, workloads, and one
+short end-to-end run against the in-memory aiohttp peer (no Redis, no MongoDB)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("hdrh", reason="hdrhistogram is needed by the scale harness")
+
+from tests.scale.common import (
+    encode_hist,
+    make_text,
+    merge_encoded,
+    msg_key,
+    new_hist,
+    parse_text,
+    record,
+    split_key,
+    summarize,
+)
+from tests.scale.verify import verify
+from tests.scale.workloads import chat_workload, rooms_workload, with_rate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _client(gid: int, chats: list[str], **kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "gid": gid,
+        "user_id": f"u{gid}",
+        "connected": True,
+        "chats": chats,
+        "recv_ids": {c: [] for c in chats},
+        "recv_keys": {c: [] for c in chats},
+        "acked": [],
+    }
+    base.update(kw)
+    return base
+
+
+def _result(clients: list[dict[str, Any]], **counts: int) -> dict[str, Any]:
+    return {"clients": clients, "counts": {"sent": 0, **counts}, "unanswered": {}}
+
+
+def test_text_round_trip_and_keys() -> None:
+    text = make_text(123456789, 42, 7, 10)
+    assert parse_text(text) == (123456789, 42, 7)
+    assert parse_text("hello") is None
+    assert split_key(msg_key(42, 7)) == (42, 7)
+
+
+def test_histograms_merge_and_summarize() -> None:
+    a, b = new_hist(), new_hist()
+    for v in range(1, 1001):
+        record(a, v)
+    record(b, 10**12)  # clamped to the histogram's maximum
+    merged = merge_encoded([encode_hist(a), encode_hist(b)])
+    s = summarize(merged)
+    assert s["count"] == 1001
+    assert 0.49 <= s["p50"] <= 0.51
+    assert s["max"] >= 600_000
+
+
+def test_verify_peers_clean_run_passes() -> None:
+    # Chat c: sockets 0 and 1; 0 sends k=1,2, 1 sends k=1.
+    a = _client(
+        0, ["c"], acked=[["c", None, None, msg_key(0, 1)], ["c", None, None, msg_key(0, 2)]]
+    )
+    b = _client(1, ["c"], acked=[["c", None, None, msg_key(1, 1)]])
+    b["recv_keys"]["c"] = [msg_key(0, 1), msg_key(0, 2)]
+    b["recv_ids"]["c"] = [-1, -1]
+    a["recv_keys"]["c"] = [msg_key(1, 1)]
+    a["recv_ids"]["c"] = [-1]
+    out = verify([_result([a, b], sent=3)], None)
+    assert out["passed"], out
+    assert out["expected_deliveries"] == 3 and out["delivered"] == 3
+
+
+def test_verify_peers_detects_loss_duplicates_and_reordering() -> None:
+    a = _client(0, ["c"], acked=[["c", None, None, msg_key(0, k)] for k in (1, 2, 3)])
+    b = _client(1, ["c"])
+    b["recv_keys"]["c"] = [msg_key(0, 2), msg_key(0, 1), msg_key(0, 1)]
+    b["recv_ids"]["c"] = [-1, -1, -1]
+    out = verify([_result([a, b], sent=3)], None)
+    assert not out["passed"]
+    assert out["lost_deliveries"] == 1  # k=3 never arrived
+    assert out["duplicate_deliveries"] == 1
+    assert out["out_of_order_per_sender"] >= 1
+
+
+def test_verify_against_storage() -> None:
+    tag = "s0"
+    a = _client(
+        0,
+        ["c"],
+        acked=[["c", 1, f"{tag}-0-1", msg_key(0, 1)], ["c", 2, f"{tag}-0-2", msg_key(0, 2)]],
+    )
+    b = _client(1, ["c"])
+    b["recv_keys"]["c"] = [msg_key(0, 1), msg_key(0, 2)]
+    b["recv_ids"]["c"] = [1, 2]
+    stored = {"c": [(1, f"{tag}-0-1"), (2, f"{tag}-0-2")]}
+    assert verify([_result([a, b], sent=2)], stored)["passed"]
+
+    # The second acknowledged message is missing from storage: loss.
+    out = verify([_result([a, b], sent=2)], {"c": [(1, f"{tag}-0-1")]})
+    assert "acked_not_stored" in out["failures"]
+
+    # Ids delivered out of order.
+    b["recv_ids"]["c"] = [2, 1]
+    b["recv_keys"]["c"] = [msg_key(0, 2), msg_key(0, 1)]
+    out = verify([_result([a, b], sent=2)], stored)
+    assert "out_of_order_ids" in out["failures"]
+
+
+def test_socketio_adapter_decodes_engineio_packets() -> None:
+    from tests.scale.loadgen import SocketIOAdapter
+
+    adapter = SocketIOAdapter(session=None)  # type: ignore[arg-type]
+    reply = adapter.decode(None, '4312[{"type":"success","messages":[]}]')  # type: ignore[arg-type]
+    assert reply == [{"type": "success", "messages": [], "request_id": "12"}]
+    push = adapter.decode(None, '42["message",{"type":"success","messages":[{"id":null}]}]')  # type: ignore[arg-type]
+    assert push == [{"type": "success", "messages": [{"id": None}]}]
+    assert adapter.decode(None, "40{}") == []  # type: ignore[arg-type]
+
+
+def test_workloads_shape_and_rates() -> None:
+    chat = chat_workload(100, 5, 50.0, endpoints=2)
+    assert len(chat.clients) == 100 and len(chat.chats) == 20
+    assert sum(r for c in chat.clients for _, r, _ in c["sends"]) == pytest.approx(50.0)
+    rooms = rooms_workload(400, 200, 2, 10.0, endpoints=2)
+    senders = [c for c in rooms.clients if c["sends"]]
+    assert len(rooms.chats) == 2 and len(senders) == 4
+    faster = with_rate(chat, 200.0)
+    assert sum(r for c in faster.clients for _, r, _ in c["sends"]) == pytest.approx(200.0)
+
+
+@pytest.mark.timeout(120)
+def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
+    """A 2-second run on the in-memory peer: every process starts, verifies, stops."""
+    cmd = [
+        sys.executable, "-m", "tests.scale.harness", "--targets", "aiohttp",
+        "--workload", "chat", "--sockets", "40", "--rate", "40", "--duration", "2",
+        "--drain", "3", "--quiet-wait", "0", "--out", str(tmp_path),
+        "--data-dir", str(tmp_path / "data"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("-chat")]
+    report = json.loads((report_dir / "report.json").read_text())
+    step = report["results"][0]["steps"][0]
+    assert step["verification"]["passed"]
+    assert step["counts"]["acked"] == step["counts"]["sent"] > 0
+    assert step["verification"]["delivered"] == step["verification"]["expected_deliveries"] > 0
+    assert (report_dir / "report.md").exists() and (report_dir / "chart.png").exists()
