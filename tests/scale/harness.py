@@ -926,7 +926,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="comma list from ours,socketio,channels,aiohttp (overrides --peers)",
     )
-    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per step")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="measured seconds per step (when 0: idle 40, sweep 10 per step, else 20)",
+    )
     p.add_argument(
         "--rate",
         type=float,
@@ -1001,6 +1006,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=".var/scale")
     p.add_argument("--keep-data", action="store_true")
     args = p.parse_args(argv)
+    if not args.duration:
+        args.duration = {"idle": 40.0, "sweep": 10.0}.get(args.workload, 20.0)
+    if args.workload == "sweep" and not args.rate and not args.sweep_rates:
+        args.rate = 250.0 if args.sweep_of == "chat" else 20.0
     if args.workload == "history" and args.history_prefill < 51:
         p.error("--history-prefill must be at least 51")
     return args
