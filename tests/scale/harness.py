@@ -497,7 +497,8 @@ def run_step(
 ) -> dict[str, Any]:
     """Connect every socket, run the measured window, drain, verify; the step's figures."""
     step_dir.mkdir(parents=True, exist_ok=True)
-    n_procs = max(1, args.loadgen_procs)
+    cpus = [int(c) for c in args.loadgen_cpus.split(",") if c.strip()] if args.loadgen_cpus else []
+    n_procs = len(cpus) if cpus else max(1, args.loadgen_procs)
     duration = float(args.duration)
     setup_timeout = args.setup_timeout + len(scenario.clients) / 50.0
     wait_for_quiet_machine(target, args.quiet_wait, args.quiet_cores)
@@ -542,6 +543,7 @@ def run_step(
             "loadgen",
             [PYTHON, "-m", "tests.scale.loadgen", str(plan_path)],
             pipe_io=True,
+            cpus={cpus[i]} if cpus else None,
         )
         loadgens.append(proc)
         threading.Thread(target=pump, args=(i, proc), daemon=True).start()
@@ -946,6 +948,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--loadgen-procs", type=int, default=1, help="load generator processes")
+    p.add_argument(
+        "--loadgen-cpus",
+        default="",
+        help="cores for the load generators, e.g. '1' or '0,1': one process pinned to each "
+        "(overrides --loadgen-procs); servers are not pinned",
+    )
     p.add_argument(
         "--sockets",
         type=int,

@@ -100,6 +100,14 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _pinned_setup(cpus: set[int]) -> Any:
+    def setup() -> None:
+        child_setup()
+        os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
 class Watchdog:
     """A process that ends our children if we die or overstay ``max_seconds``."""
 
@@ -153,8 +161,12 @@ class Supervisor:
         env: dict[str, str] | None = None,
         *,
         pipe_io: bool = False,
+        cpus: set[int] | None = None,
     ) -> Proc:
-        """Start ``argv`` with its output in ``<run_dir>/logs/<name>.log``."""
+        """Start ``argv`` with its output in ``<run_dir>/logs/<name>.log``.
+
+        ``cpus``: pin the process to these cores (the load generators, when given cores).
+        """
         logs = self.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name}.log"
@@ -171,7 +183,7 @@ class Supervisor:
                 stdin=subprocess.PIPE if pipe_io else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if pipe_io else log,
                 stderr=log,
-                preexec_fn=child_setup,
+                preexec_fn=child_setup if not cpus else _pinned_setup(cpus),
                 text=pipe_io,
                 bufsize=1 if pipe_io else -1,
             )
