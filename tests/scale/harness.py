@@ -852,11 +852,27 @@ def run_target(
         steps = []
         for i, rate in enumerate(rates):
             step_scenario = scenario if rate == scenario.send_rate else with_rate(scenario, rate)
-            tag = f"s{i}"
             label = f"{name} {workload}" + (f" @{rate:g}/s" if args.workload == "sweep" else "")
-            step = run_step(
-                target, step_scenario, tag, args, label, report_dir / "steps" / f"{name}-{tag}"
-            )
+            discarded = []
+            for attempt in range(args.retry_disturbed + 1):
+                tag = f"s{i}" if attempt == 0 else f"s{i}r{attempt}"
+                step = run_step(
+                    target, step_scenario, tag, args, label, report_dir / "steps" / f"{name}-{tag}"
+                )
+                if not step["disturbed"] or attempt == args.retry_disturbed:
+                    break
+                say(f"{label}: disturbed by other processes, repeating the step")
+                _print_step(step)
+                discarded.append(
+                    {
+                        "tag": tag,
+                        "other_cores": step["cpu"]["other_cores"],
+                        "passed": step["passed"],
+                    }
+                )
+                if not step["passed"]:
+                    break  # an integrity failure counts, disturbed or not
+            step["discarded_disturbed_attempts"] = discarded
             if args.workload == "sweep":
                 ok, why = step_ok(step, args.slo_p99_ms)
                 step["sustainable"] = ok
@@ -1009,6 +1025,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.25,
         help="CPU (cores) used by processes outside the run above which a step is flagged as disturbed",
+    )
+    p.add_argument(
+        "--retry-disturbed",
+        type=int,
+        default=1,
+        help="repeat a step (up to this many times) when other processes disturbed it",
     )
     p.add_argument("--out", default="reports")
     p.add_argument("--data-dir", default=".var/scale")

@@ -127,6 +127,11 @@ def verify(
             expected = {key for key in table if split_key(key)[0] != gid}
             out["expected_deliveries"] += len(expected)
             got = set(keys)
+            problem(
+                "pushed_to_sender",
+                sum(1 for key in keys if split_key(key)[0] == gid),
+                [gid, chat],
+            )
             problem("duplicate_deliveries", len(keys) - len(got), [gid, chat])
             missing = expected - got
             problem("lost_deliveries", len(missing), [gid, chat, sorted(missing)[:3]])
@@ -168,6 +173,7 @@ def verify(
             "stored_duplicate_client_msg_id",
             "duplicate_deliveries",
             "lost_deliveries",
+            "pushed_to_sender",
             "deliveries_not_stored",
             "delivered_id_not_stored",
             "out_of_order_ids",
