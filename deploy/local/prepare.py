@@ -1,24 +1,53 @@
 """``make test`` set-up: make sure the servers the tests start are installed.
 
 Installs what is missing (redis-server from apt; mongod comes with the dev wheel) so
-the test session itself only starts processes.
+the test session itself only starts processes. Also Debian's ``chromium`` for the
+browser tests (Playwright drives it through ``executable_path``): when it cannot be
+installed the run goes on, the reason is written to ``CHROMIUM_UNAVAILABLE`` and the
+browser tests skip with it (outside CI; with ``CI=true`` they fail instead).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from deploy.local.servers import SetupError, ensure_mongod, ensure_redis_server
+from deploy.local.servers import SetupError, _apt_install, ensure_mongod, ensure_redis_server
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_UNAVAILABLE = ROOT / ".var" / "chromium-unavailable.txt"
+
+
+def ensure_chromium() -> str | None:
+    """Path of Chromium, installed from apt when missing; None (reason recorded) if it cannot be."""
+    CHROMIUM_UNAVAILABLE.unlink(missing_ok=True)
+    if not CHROMIUM.exists():
+        try:
+            _apt_install("chromium")
+        except (SetupError, OSError) as exc:
+            reason = f"Debian's chromium could not be installed: {exc}"
+        else:
+            reason = f"{CHROMIUM} is still missing after apt-get install chromium"
+        if not CHROMIUM.exists():
+            CHROMIUM_UNAVAILABLE.parent.mkdir(parents=True, exist_ok=True)
+            CHROMIUM_UNAVAILABLE.write_text(reason + "\n")
+            print(f"[prepare] {reason}; the browser tests will be skipped", file=sys.stderr)
+            return None
+    return str(CHROMIUM)
 
 
 def main() -> int:
-    """Exit 1 with a clear sentence when a server cannot be had."""
+    """Exit 1 with a clear sentence when a server cannot be had (a missing browser is not fatal)."""
     try:
         print(f"[prepare] redis-server: {ensure_redis_server()}", flush=True)
         print(f"[prepare] mongod: {ensure_mongod()}", flush=True)
     except SetupError as exc:
         print(f"[prepare] {exc}", file=sys.stderr)
         return 1
+    chromium = ensure_chromium()
+    if chromium:
+        print(f"[prepare] chromium: {chromium}", flush=True)
     return 0
 
 

@@ -14,6 +14,7 @@ const REQUEST_TIMEOUT = 10000;
 const BACKOFF_MIN = 500;
 const BACKOFF_MAX = 15000;
 const HEALTHY_MS = 10000;      // a socket that lived this long resets the backoff
+const SEND_RETRIES = 6;        // automatic resends of a send the server could not finish
 const NEAR_TOP = 80;           // px: load older messages
 const NEAR_BOTTOM = 120;       // px: still "following" new messages
 const ID_RE = /^\d{1,19}$/;
@@ -118,10 +119,11 @@ function initialsOf(name) {
   return (first(words[0]) + (words.length > 1 ? first(words[words.length - 1]) : '')).toUpperCase();
 }
 
+// FNV-1a: ids that differ in one character ("u1", "u2") still get far-apart colours.
 function hue(key) {
-  let h = 0;
-  for (const ch of String(key)) h = (h * 31 + ch.codePointAt(0)) % 360;
-  return h;
+  let h = 0x811c9dc5;
+  for (const ch of String(key)) h = Math.imul(h ^ ch.codePointAt(0), 0x01000193);
+  return (h >>> 0) % 360;
 }
 
 const fmt = (opts) => new Intl.DateTimeFormat(undefined, opts);
@@ -230,7 +232,7 @@ function renderMessage(m) {
   return li;
 }
 
-const PENDING_LABEL = { queued: 'waiting for connection', sending: 'sending…', failed: 'not sent' };
+const PENDING_LABEL = { queued: 'waiting for connection', sending: 'sending…', retrying: 'retrying…', failed: 'not sent' };
 
 function renderPending(p) {
   const { type, text, file_url } = p.message;
@@ -240,7 +242,11 @@ function renderPending(p) {
   const retry = el('button', 'mini retry', 'Retry');
   const discard = el('button', 'mini discard', 'Discard');
   retry.type = discard.type = 'button';
-  retry.addEventListener('click', () => { setPendingState(p, 'queued'); if (synced) transmit(p); });
+  retry.addEventListener('click', () => {
+    p.retries = 0;
+    setPendingState(p, 'queued');
+    if (synced) transmit(p);
+  });
   discard.addEventListener('click', () => dropPending(p));
   li.querySelector('.meta').prepend(el('span', 'state'), retry, discard);
   return li;
@@ -332,6 +338,7 @@ function merge(list, how) {
   if (how === 'push' && (!follow || document.hidden)) unread += fresh.filter((m) => m.is_my !== true).length;
   updateUnread();
   updateEmpty();
+  updateOlder();   // the first message of a chat that started empty also starts it
 }
 
 function resetChat() {
@@ -422,6 +429,8 @@ function detach() {
     if (req.pending && req.pending.state === 'sending') setPendingState(req.pending, 'queued');
   }
   inflight.clear();
+  // A resend waiting out its pause goes with the queue: the next socket sends it.
+  for (const p of pending) if (p.state === 'retrying') setPendingState(p, 'queued');
   updateOlder();
   return sock;
 }
@@ -587,6 +596,7 @@ function onFrame(data) {
   if (f.type !== 'success') {
     const kind = req && req.kind;
     if (kind === 'send' && pending.includes(req.pending)) {
+      if (retryLater(req.pending, f.type)) return;
       setPendingState(req.pending, 'failed');
       req.pending.el.title = typeof f.detail === 'string' ? f.detail : String(f.type);
     } else if (kind === 'older') {
@@ -635,6 +645,22 @@ function onFrame(data) {
 }
 
 // ---- sending ----
+/**
+ * A timed-out or rate-limited send is sent again, after a growing pause, with the same
+ * client_msg_id: if the first attempt was stored after all, the server answers with it.
+ */
+function retryLater(p, type) {
+  if ((type !== 'server_error' && type !== 'rate_limited') || p.retries >= SEND_RETRIES) return false;
+  p.retries += 1;
+  setPendingState(p, 'retrying');
+  const sock = ws;
+  const base = Math.min(BACKOFF_MAX, BACKOFF_MIN * 2 ** p.retries);
+  setTimeout(() => {
+    if (p.state === 'retrying' && ws === sock && synced && pending.includes(p)) transmit(p);
+  }, base / 2 + Math.random() * (base / 2));
+  return true;
+}
+
 function transmit(p) {
   setPendingState(p, request('send', p.event, p.message, { pending: p }) ? 'sending' : 'queued');
 }
@@ -644,7 +670,7 @@ function enqueue(event, message) {
     showError('Connect to a chat first.');
     return null;
   }
-  const p = { cid: message.client_msg_id, event, message, state: 'queued', el: null };
+  const p = { cid: message.client_msg_id, event, message, state: 'queued', retries: 0, el: null };
   p.el = renderPending(p);
   pending.push(p);
   ui.list.append(p.el);
