@@ -36,13 +36,24 @@ def text_frame(payload: bytes) -> bytes:
 
 
 class ChatState:
-    """What one socket may see of one chat: as whom, and the last id it was sent."""
+    """What one socket may see of one chat: as whom, and the last id it was sent.
 
-    __slots__ = ("last_seq", "user_id")
+    ``held`` keeps frames for ids above ``last_seq`` that must wait for the ids before
+    them: the socket's own replies while a gap in front of them is being filled.
+    """
+
+    __slots__ = ("held", "last_seq", "user_id")
 
     def __init__(self, user_id: str, last_seq: int) -> None:
         self.user_id = user_id
         self.last_seq = last_seq
+        self.held: dict[int, bytes] | None = None
+
+    def hold(self, seq: int, frame: bytes) -> None:
+        """Keep ``frame`` (id ``seq``) until every id before it has been sent."""
+        if self.held is None:
+            self.held = {}
+        self.held[seq] = frame
 
 
 class Connection:
@@ -80,6 +91,8 @@ class Connection:
         self.peer = peer
         self.chats: dict[str, ChatState] = {}
         self.closed = False
+        # The code this side chose when it closed the socket (None: the peer closed).
+        self.close_code: int | None = None
         self.on_slow = on_slow
         # Pre-built frames are only valid without permessage-deflate.
         self.raw_ok = not ws.compress

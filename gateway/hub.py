@@ -240,18 +240,64 @@ class Hub:
             self._finish_fill(pending.chat_id, reply.frame)
             return
         if not conn.closed:
+            send_now = True
             if reply.grant is not None:
-                self._authorise(conn, reply.grant, pending)
+                send_now = self._authorise(conn, reply.grant, pending, reply.frame)
             elif reply.revoke is not None:
                 self._revoke(conn, reply.revoke)
             self._observe(pending)
             reply_type = _reply_type(reply.frame)
             self.metrics.replies.labels(reply_type).inc()
             self.metrics.frames_out.labels("reply").inc()
-            conn.send(reply.frame)
+            if send_now:
+                conn.send(reply.frame)
         self.subscriber.release(channel)
 
-    def _authorise(self, conn: Connection, grant: Grant, pending: Pending) -> None:
+    def _deliver(
+        self,
+        conn: Connection,
+        state: ChatState,
+        seq: int,
+        payload: bytes | None,
+        wire: bytes | None = None,
+    ) -> bool:
+        """Send id ``seq`` (the next one) to a socket, then any held frames that follow.
+
+        A frame held for ``seq`` (the socket's own reply) goes instead of ``payload``;
+        ``payload`` None advances without sending (the author's own socket). Returns
+        True when a push was written.
+        """
+        state.last_seq = seq
+        held = state.held
+        own = held.pop(seq, None) if held is not None else None
+        pushed = False
+        if own is not None:
+            conn.send(own)
+        elif payload is not None:
+            conn.send(payload, wire)
+            pushed = True
+        if held is not None:
+            while state.last_seq + 1 in held:
+                state.last_seq += 1
+                conn.send(held.pop(state.last_seq))
+            if not held:
+                state.held = None
+        return pushed
+
+    def _release_held(self, chat_id: str) -> None:
+        """Send every held frame of the chat in id order (a gap that could not be filled)."""
+        for conn in list((self.chats.get(chat_id) or {}).values()):
+            state = conn.chats.get(chat_id)
+            if state is None or state.held is None:
+                continue
+            for seq in sorted(state.held):
+                if seq > state.last_seq:
+                    state.last_seq = seq
+                conn.send(state.held[seq])
+            state.held = None
+
+    def _authorise(self, conn: Connection, grant: Grant, pending: Pending, frame: bytes) -> bool:
+        """Record the grant; False when the reply ``frame`` is held back (sent later in order)."""
         state = conn.chats.get(grant.chat_id)
         if state is None:
             conn.chats[grant.chat_id] = ChatState(grant.user_id, grant.head)
@@ -260,11 +306,29 @@ class Hub:
             self.subscriber.hold(self.keys.chat_channel(grant.chat_id))
             self._grant_tokens[(conn.conn_id, grant.chat_id)] = pending.digest
             self.metrics.chat_channels.set(self.subscriber.chat_channels)
-        else:
-            state.user_id = grant.user_id
-            self._grant_tokens[(conn.conn_id, grant.chat_id)] = pending.digest
-            if grant.head > state.last_seq:
-                state.last_seq = grant.head
+            return True
+        state.user_id = grant.user_id
+        self._grant_tokens[(conn.conn_id, grant.chat_id)] = pending.digest
+        if pending.event_type not in protocol.SEND_EVENTS:
+            # A history page changes nothing about which pushes this socket has had.
+            return True
+        # A send's grant names the message the reply carries. Pushes of everything
+        # before it were published ahead of this reply, so normally it is the next id;
+        # if not, pushes were lost (a pub/sub outage): hold the reply back, fill the gap,
+        # and send the reply in its place in id order (it then stands for the push too).
+        own = grant.head
+        if own == state.last_seq + 1:
+            state.hold(own, frame)
+            self._deliver(conn, state, own, None)
+            return False
+        if own > state.last_seq + 1:
+            state.hold(own, frame)
+            if grant.chat_id not in self._fills and not self._start_fill(
+                grant.chat_id, state.last_seq, []
+            ):
+                self._release_held(grant.chat_id)
+            return False
+        return True
 
     def _revoke(self, conn: Connection, chat_id: str) -> None:
         if conn.chats.pop(chat_id, None) is None:
@@ -293,9 +357,7 @@ class Hub:
             behind = [
                 state.last_seq
                 for conn in members.values()
-                if (state := conn.chats.get(chat_id)) is not None
-                and push.seq > state.last_seq + 1
-                and not (origin_here and conn.conn_id == push.origin_conn)
+                if (state := conn.chats.get(chat_id)) is not None and push.seq > state.last_seq + 1
             ]
             if behind and self._start_fill(chat_id, min(behind), [push]):
                 return
@@ -307,18 +369,19 @@ class Hub:
             state = conn.chats.get(chat_id)
             if state is None or push.seq <= state.last_seq:
                 continue
-            state.last_seq = push.seq
             if origin_here and conn.conn_id == push.origin_conn:
-                continue  # the author's socket got this message as its reply
+                # The author's socket got this message as its reply.
+                self._deliver(conn, state, push.seq, None)
+                continue
             if state.user_id == push.author:
                 if wire_mine is None:
                     wire_mine = text_frame(push.mine)
-                conn.send(push.mine, wire_mine)
+                sent = self._deliver(conn, state, push.seq, push.mine, wire_mine)
             else:
                 if wire_other is None:
                     wire_other = text_frame(push.other)
-                conn.send(push.other, wire_other)
-            delivered += 1
+                sent = self._deliver(conn, state, push.seq, push.other, wire_other)
+            delivered += sent
         if delivered:
             self.metrics.deliveries.inc(delivered)
             self.metrics.frames_out.labels("push").inc(delivered)
@@ -379,13 +442,32 @@ class Hub:
             last = int(messages[-1]["id"])
             if self._start_fill(chat_id, last, fill.waiting):
                 return
+        # A socket further behind than this fill reached (it fell behind while the fill
+        # was in flight) gets one more round from where it is.
+        behind = self._most_behind(chat_id, fill.after)
+        if behind is not None and fill.attempt < MAX_FILL_ATTEMPTS:
+            if self._start_fill(chat_id, behind, fill.waiting, fill.attempt + 1):
+                return
         self._replay(chat_id, fill.waiting)
+
+    def _most_behind(self, chat_id: str, after: int) -> int | None:
+        """The lowest last id among the chat's sockets when it is below ``after``."""
+        lowest = min(
+            (
+                s.last_seq
+                for c in (self.chats.get(chat_id) or {}).values()
+                if (s := c.chats.get(chat_id))
+            ),
+            default=None,
+        )
+        return lowest if lowest is not None and lowest < after else None
 
     def _replay(self, chat_id: str, waiting: list[Push]) -> None:
         # A gap still open after a completed fill cannot be filled (the ids are not in
-        # history); deliver rather than loop.
+        # history); deliver rather than loop, and let held replies go.
         for push in waiting:
             self._on_push(chat_id, push, may_fill=False)
+        self._release_held(chat_id)
 
     def _deliver_history(self, chat_id: str, messages: list[dict[str, Any]]) -> None:
         members = self.chats.get(chat_id)
@@ -401,12 +483,11 @@ class Hub:
                 seq = int(message["id"])
                 if seq <= state.last_seq:
                     continue
-                state.last_seq = seq
                 if seq not in variants:
                     variants[seq] = _push_variants(message)
                 mine, other = variants[seq]
-                conn.send(mine if message["user_id"] == state.user_id else other)
-                recovered += 1
+                frame = mine if message["user_id"] == state.user_id else other
+                recovered += self._deliver(conn, state, seq, frame)
         if recovered:
             self.metrics.gaps_filled.inc(recovered)
             self.metrics.deliveries.inc(recovered)

@@ -73,8 +73,9 @@ def decode_stream_entry(data: bytes) -> StreamEntry:
 class Grant:
     """The worker's word that a user may receive a chat's pushes on a connection.
 
-    ``head`` is the chat's last sequence id when the request was handled: pushes with
-    a higher id follow this reply on the same pub/sub connection.
+    ``head``: for ``get_history``, the chat's last id when the request was handled; for
+    a send, the id of the message the reply carries. Pushes with higher ids follow the
+    reply on the same pub/sub connection.
     """
 
     chat_id: str

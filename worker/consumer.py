@@ -59,6 +59,7 @@ class Consumer:
         self.mongo_ok = True
         self._groups: set[str] = set()
         self._sampled: set[str] = set()
+        self._reclaim = False
 
     async def run(self) -> None:
         """Read and handle batches until cancelled or :attr:`stopping`."""
@@ -67,6 +68,11 @@ class Consumer:
             try:
                 await self.partitions.hand_back_surplus()
                 fresh = self.partitions.take_fresh()
+                if self._reclaim:
+                    # After a Redis failure an XACK may have been lost (a crash loses up to
+                    # a second of AOF): re-read our own pending entries, not only new ones.
+                    fresh = sorted(set(fresh) | set(self.partitions.readable()))
+                    self._reclaim = False
                 if fresh:
                     # New owner: counters may be stale, and the old owner's pending
                     # entries come first.
@@ -86,6 +92,7 @@ class Consumer:
                 raise
             except (RedisError, OSError) as exc:
                 self.redis_ok = False
+                self._reclaim = True
                 log.warning("stream read failed", extra={"error": repr(exc)})
                 await backoff.sleep()
             except Exception:

@@ -201,7 +201,7 @@ class Processor:
         stored_at = self.clock()
         new_docs: list[Doc] = []
         # (item, identity, doc, head, push?): replies and pushes once the insert succeeded.
-        # head is the chat's last id at this entry's place in stream order.
+        # A send's grant names the id of the message its reply carries.
         plan: list[tuple[Item, Identity, Doc, int, bool]] = []
         for item, identity in segment:
             entry = item.entry
@@ -210,13 +210,13 @@ class Processor:
             existing = by_event.get(item.event_id)
             if existing is not None:
                 # Redelivered entry: answer again, push again (gateways drop duplicates by id).
-                plan.append((item, identity, existing, self.counters.get(entry.chat_id), True))
+                plan.append((item, identity, existing, existing["seq"], True))
                 continue
             if key is not None:
                 existing = by_key.get((entry.chat_id, identity.user_id, key))
                 if existing is not None:
                     # Client retry: the first stored message, and nothing pushed again.
-                    plan.append((item, identity, existing, self.counters.get(entry.chat_id), False))
+                    plan.append((item, identity, existing, existing["seq"], False))
                     continue
             seq = self.counters.get(entry.chat_id) + 1
             self.counters.put(entry.chat_id, seq)
