@@ -226,6 +226,8 @@ class Target:
             "LOG_LEVEL": args.log_level,
             "REQUEST_TIMEOUT_SECONDS": str(args.request_timeout),
             "GATEWAY_HOST": "127.0.0.1",
+            # Every socket of the test comes from 127.0.0.1: lift the per-IP cap.
+            "MAX_CONNECTIONS_PER_IP": "0",
         }
         base.update(dict(kv.split("=", 1) for kv in args.env))
         workers = []

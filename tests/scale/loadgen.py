@@ -455,8 +455,14 @@ class LoadGen:
                         await self.adapter.handshake(ws)
                         client.ws = ws
                         break
-                    except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError):
+                    except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as exc:
                         self.stats.counts["connect_retries"] += 1
+                        reason = f"connect:{type(exc).__name__}"
+                        if isinstance(exc, aiohttp.WSServerHandshakeError):
+                            reason += f":{exc.status}"
+                        if self.stats.errors[reason] == 0:
+                            print(f"loadgen: {client.url}: {exc!r}", file=sys.stderr)
+                        self.stats.errors[reason] += 1
                         await asyncio.sleep(0.2 * (attempt + 1))
                 if client.ws is None:
                     self.stats.counts["connect_failed"] += 1
