@@ -457,3 +457,57 @@ def summary(report: dict[str, Any], out_dir: Path) -> str:
     lines.append(f"report: {out_dir}/report.md (json, chart.png beside it)")
     lines.append(f"repeat: {report['command']}")
     return "\n".join(lines)
+
+
+def doc_table(report: dict[str, Any]) -> str:
+    """A compact markdown table of a report's steps (for docs/benchmarks.md)."""
+    rows = [
+        "| target | offered sends/s | acked/s | deliveries/s | reply p50 / p99 ms | "
+        "delivery p50 / p99 / p99.9 / max ms | history p50 / p99 ms | server cores | "
+        "server CPU-µs per delivery | server CPU-µs per socket-second | RSS KiB per socket "
+        "(server) | peak RSS MiB (server procs) | other cores | errors | verification |",
+        "|" + "---|" * 15,
+    ]
+    for r in report["results"]:
+        if r.get("setup_error"):
+            rows.append(f"| {r['target']} | setup failed | " + " | " * 13)
+            continue
+        for s in r["steps"]:
+            lat, a, c = s["latency_ms"], s["achieved"], s["cpu"]
+            d, rp, h = lat["delivery"], lat["send_reply"], lat["history_reply"]
+            peak = sum(
+                p["peak_rss_mb"]
+                for p in s["memory"]["processes"].values()
+                if p["kind"] != "loadgen"
+            )
+            verdict = (
+                "pass"
+                if s["passed"]
+                else "FAIL: "
+                + ", ".join(
+                    f"{k} {s['verification'].get(k)}" for k in s["verification"]["failures"]
+                )
+            )
+            if "sustainable" in s:
+                verdict += "; " + ("sustainable" if s["sustainable"] else s["verdict"])
+            rows.append(
+                f"| {r['target']} | {_fmt(s['offered_send_rate'])} | {a['acked_per_s']} | "
+                f"{a['deliveries_per_s']} | {_fmt(rp['p50'])} / {_fmt(rp['p99'])} | "
+                f"{_fmt(d['p50'])} / {_fmt(d['p99'])} / {_fmt(d['p99_9'])} / {_fmt(d['max'])} | "
+                f"{_fmt(h['p50'])} / {_fmt(h['p99'])} | {c['server_cores']} | "
+                f"{_fmt(c['server_us_per_delivery'])} | {_fmt(c['server_us_per_socket_second'])} | "
+                f"{_fmt(_server_per_conn(s))} | "
+                f"{round(peak, 1)} | {c.get('other_cores')} | "
+                f"{sum(s['errors'].values())} | {verdict} |"
+            )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for arg in sys.argv[1:]:
+        data = json.loads((Path(arg) / "report.json").read_text())
+        print(f"`{data['command']}` (git {data['git_rev']}, wall {data['wall_s']} s)\n")
+        print(doc_table(data))
+        print()
