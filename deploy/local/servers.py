@@ -145,7 +145,9 @@ class LocalServer:
                 if self.name != "redis":
                     return True
                 sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                answer = sock.recv(64)
+                # A server with a password answers NOAUTH: it is up all the same.
+                return answer.startswith(b"+PONG") or answer.startswith(b"-NOAUTH")
         except OSError:
             return False
 
@@ -178,8 +180,12 @@ class LocalServer:
             self.process.wait(5)
 
 
-def redis_server(port: int, data_dir: Path, *, appendonly: bool = True) -> LocalServer:
-    """A Redis on loopback with AOF (fsync every second, as in the shipped configs)."""
+def redis_server(
+    port: int, data_dir: Path, *, appendonly: bool = True, extra: list[str] | None = None
+) -> LocalServer:
+    """A Redis on loopback with AOF (fsync every second, as in the shipped configs).
+
+    ``extra``: more ``redis-server`` arguments (e.g. ``["--requirepass", "s3cret"]``)."""
     binary = ensure_redis_server()
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -192,6 +198,7 @@ def redis_server(port: int, data_dir: Path, *, appendonly: bool = True) -> Local
         "--save", "",
         "--daemonize", "no",
         "--protected-mode", "yes",
+        *(extra or []),
     ]  # fmt: skip
     return LocalServer(
         "redis", argv, port, data_dir, f"redis://{LOOPBACK}:{port}/0", data_dir / "redis.log"
