@@ -177,6 +177,8 @@ class Target:
         self.mongo_url = ""
         self.notes: list[str] = []
         self.server_sockets = 0  # sockets per server process (for the idle workload)
+        self.first_per_conn: dict[str, float] | None = None
+        self.first_per_conn_tag = ""
 
     @property
     def adapter(self) -> str:
@@ -694,6 +696,9 @@ def run_step(
         per_conn[kind] = round(grew / max(1, connected), 2)
     lg_rss = sum(r.get("rss_kb", 0) - r.get("rss_kb_start", 0) for r in ready.values())
     per_conn["loadgen (client side)"] = round(lg_rss / max(1, connected), 2)
+    if target.first_per_conn is None:
+        target.first_per_conn = per_conn
+        target.first_per_conn_tag = tag
     for r in results:
         procs_mem[f"loadgen-{tag}-{r['proc']}"] = {
             "kind": "loadgen",
@@ -742,7 +747,14 @@ def run_step(
             if connected
             else None,
         },
-        "memory": {"processes": procs_mem, "rss_kb_per_connection": per_conn},
+        "memory": {
+            "processes": procs_mem,
+            # Measured when the servers first took sockets: they keep the memory they grew
+            # (allocators rarely give it back), so later steps would show almost nothing.
+            "rss_kb_per_connection": target.first_per_conn or per_conn,
+            "rss_kb_per_connection_measured_in": target.first_per_conn_tag or tag,
+            "rss_kb_per_connection_this_step": per_conn,
+        },
         "cpu_timeline": samples,
         "verification": verification,
         "passed": verification["passed"],
