@@ -294,7 +294,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
     results = [r for r in report["results"] if r.get("steps")]
     if not results:
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5))
+    kinds = ["gateway", "worker", "peer", "redis", "mongod", "loadgen"]
     colors = {
         "ours": "tab:blue",
         "socketio": "tab:orange",
@@ -355,6 +356,25 @@ def chart(report: dict[str, Any], path: Path) -> None:
         ax2.set_xlabel("offered sends/s")
         lim = max(max(s["offered_send_rate"] for s in r["steps"]) for r in results)
         ax2.plot([0, lim], [0, lim], ":", color="grey", label="offered sends/s")
+        for r in results:
+            color = colors.get(r["target"], "grey")
+            xs = [s["offered_send_rate"] for s in r["steps"]]
+            ax3.plot(
+                xs,
+                [s["cpu"]["server_cores"] for s in r["steps"]],
+                "-o",
+                color=color,
+                label=f"{r['target']} server",
+            )
+            ax3.plot(
+                xs,
+                [s["cpu"]["loadgen_cores"] for s in r["steps"]],
+                ":",
+                color=color,
+                alpha=0.6,
+                label=f"{r['target']} loadgen",
+            )
+        ax3.set_xlabel("offered sends/s")
     else:
         names = [r["target"] for r in results]
         pcts = ("p50", "p90", "p99", "p99_9")
@@ -383,6 +403,21 @@ def chart(report: dict[str, Any], path: Path) -> None:
             ax2.bar([x + i * width for x in range(len(names))], vals, width, label=key)
         ax2.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names)
         ax2.set_xlabel("achieved throughput")
+        bottom = [0.0] * len(names)
+        duration = [r["steps"][-1]["duration_s"] for r in results]
+        for kind in kinds:
+            vals = [
+                r["steps"][-1]["cpu_s_window"].get(kind, 0.0) / d
+                for r, d in zip(results, duration, strict=True)
+            ]
+            if any(vals):
+                ax3.bar(names, vals, bottom=bottom, label=kind)
+                bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        ax3.set_xlabel("CPU by process kind during the window")
+    ax3.set_ylabel("cores")
+    ax3.set_title("CPU (2 cores in total)")
+    ax3.legend(fontsize=7)
+    ax3.grid(True, alpha=0.3)
     ax1.set_ylabel("latency ms (log)")
     ax1.set_title("Latency from scheduled send time")
     ax2.set_ylabel("per second")
