@@ -16,12 +16,22 @@ LOGGING_CONFIG = None
 
 _LAYER = os.environ.get("CHANNELS_LAYER", "core")
 _REDIS = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-_MAX_CONNECTIONS = int(os.environ.get("CHANNELS_MAX_CONNECTIONS", "1000"))
+# redis-py 8 changed two connection defaults that channels_redis 4.3.0 does not set:
+# * a pool holds at most 100 connections: group_send under load then fails with
+#   MaxConnectionsError ("Too many connections");
+# * socket_timeout is 5 s: the layer's receive loop blocks in BZPOPMIN for up to 5 s, so
+#   an idle consumer's read times out and the consumer dies (its socket is closed).
+# Both are raised here, as a deployment of this stack would have to.
+_HOST = {
+    "address": _REDIS,
+    "max_connections": int(os.environ.get("CHANNELS_MAX_CONNECTIONS", "1000")),
+    "socket_timeout": float(os.environ.get("CHANNELS_SOCKET_TIMEOUT", "30")),
+}
 if _LAYER == "pubsub":
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [{"address": _REDIS, "max_connections": _MAX_CONNECTIONS}]},
+            "CONFIG": {"hosts": [_HOST]},
         }
     }
 else:
@@ -31,9 +41,7 @@ else:
             # capacity: per-channel queue bound (default 100); a room push beyond it is
             # dropped by channels_redis, which the harness would report as loss.
             "CONFIG": {
-                # redis-py 8 caps a pool at 100 connections by default; channels_redis
-                # then fails group_send under load with MaxConnectionsError. Raise the cap.
-                "hosts": [{"address": _REDIS, "max_connections": _MAX_CONNECTIONS}],
+                "hosts": [_HOST],
                 "capacity": int(os.environ.get("CHANNELS_CAPACITY", "1000")),
             },
         }
