@@ -22,7 +22,7 @@ from shared.keys import CONSUMER_GROUP, Keys
 from shared.metrics import WorkerMetrics
 
 from .partitions import PartitionManager
-from .processor import Counters, Item, Outcome, Processor, StaleOwner
+from .processor import AlreadyStored, Counters, Item, Outcome, Processor, StaleOwner
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,11 @@ class Consumer:
                 return
             except asyncio.CancelledError:
                 raise
+            except AlreadyStored as exc:
+                # Not an error: a retry among fresh entries. Look it up and answer it.
+                self.metrics.retries.labels("already_stored").inc()
+                log.debug("duplicate among fresh entries", extra={"index": str(exc)})
+                suspect = True
             except StaleOwner as exc:
                 self.metrics.retries.labels("stale_owner").inc()
                 log.warning("sequence conflict; reloading", extra={"error": str(exc)})

@@ -23,7 +23,7 @@ from shared.codec import Grant, Push, Reply, StreamEntry
 from shared.metrics import WorkerMetrics
 
 from .auth import Authenticator, Identity
-from .store import Doc, Store
+from .store import CLIENT_KEY_INDEX, SEQ_INDEX, Doc, Store
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,12 @@ class Outcome:
 
 
 class StaleOwner(Exception):
-    """An insert hit a unique index: someone else wrote for this chat; reload and retry."""
+    """An insert hit the (chat_id, seq) index: someone else wrote for this chat; reload."""
+
+
+class AlreadyStored(Exception):
+    """An insert hit the event-id or client-key index: a retry or a redelivery that the
+    batch did not look up first. Processing the batch again with ``suspect`` answers it."""
 
 
 class Counters:
@@ -190,8 +195,11 @@ class Processor:
         ]
         by_event: dict[str, Doc] = {}
         by_key: dict[tuple[str, str, str], Doc] = {}
-        if suspect or client_keys:
-            event_ids = [item.event_id for item, _ in segment] if suspect else []
+        # Fresh entries are inserted without looking anything up first (one MongoDB round
+        # trip less per batch): a retry or redelivery among them fails on a unique index,
+        # and the batch is then processed again with ``suspect``, which looks them up.
+        if suspect:
+            event_ids = [item.event_id for item, _ in segment]
             by_event, by_key = await self._timed(
                 "find_existing", self.store.find_existing(event_ids, client_keys)
             )
@@ -243,8 +251,11 @@ class Processor:
         except Exception as exc:
             # Whatever got in before the failure is found by event id on the retry.
             self.counters.forget({i.entry.chat_id for i, _ in segment})
-            if _is_duplicate(exc):
+            duplicate = _duplicate_index(exc)
+            if duplicate == SEQ_INDEX:
                 raise StaleOwner(str(exc)[:200]) from exc
+            if duplicate is not None:
+                raise AlreadyStored(duplicate) from exc
             raise
         outcome.stored += len(new_docs)
         self.metrics.messages_stored.inc(len(new_docs))
@@ -300,12 +311,25 @@ class Processor:
             self.metrics.mongo_seconds.labels(op).observe(time.perf_counter() - started)
 
 
-def _is_duplicate(exc: Exception) -> bool:
+def _duplicate_index(exc: Exception) -> str | None:
+    """The index a duplicate-key failure hit (the seq index wins when several did)."""
     from pymongo.errors import BulkWriteError, DuplicateKeyError
 
     if isinstance(exc, DuplicateKeyError):
-        return True
-    if isinstance(exc, BulkWriteError):
+        errors = [exc.details or {}]
+    elif isinstance(exc, BulkWriteError):
         errors = exc.details.get("writeErrors", [])
-        return bool(errors) and all(e.get("code") == 11000 for e in errors)
-    return False
+    else:
+        return None
+    if not errors or any(e.get("code") != 11000 for e in errors):
+        return None
+    names = set()
+    for error in errors:
+        pattern = error.get("keyPattern") or {}
+        if "seq" in pattern:
+            names.add(SEQ_INDEX)
+        elif "client_msg_id" in pattern:
+            names.add(CLIENT_KEY_INDEX)
+        else:
+            names.add("_id")
+    return SEQ_INDEX if SEQ_INDEX in names else sorted(names)[0]
