@@ -69,9 +69,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
-    redis = app[REDIS]
     producer = StreamProducer(
-        redis,
+        settings.redis_url,
+        name=f"gateway-xadd:{settings.node_id}",
         batch=settings.xadd_batch,
         max_buffered=settings.xadd_batch * 64,
         maxlen=settings.stream_maxlen,
@@ -81,12 +81,13 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
 
     def subscriber_for(hub: Hub) -> Subscriber:
         return Subscriber(
-            redis,
+            settings.redis_url,
             hub.keys.node_channel(settings.node_id),
             hub.on_message,
             hub.on_resubscribed,
             lambda: metrics.redis_reconnects.labels("gateway_pubsub").inc(),
             backoff_cap=settings.retry_backoff_max,
+            name=f"gateway-pubsub:{settings.node_id}",
         )
 
     hub = Hub(settings, producer, metrics, subscriber_for)

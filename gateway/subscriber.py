@@ -7,7 +7,9 @@ after a short linger, which absorbs join/leave churn.
 
 On a lost connection the loop reconnects with backoff and subscribes to everything
 wanted again; ``on_resubscribed`` then lets the hub recover what was published while
-the connection was down (pub/sub itself is at-most-once).
+the connection was down (pub/sub itself is at-most-once). Every message of the node
+passes through here, so the connection is the lean one of shared/resp.py; a silent
+peer is detected by a PING after a quiet spell.
 """
 
 from __future__ import annotations
@@ -15,19 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
-from typing import Any
-
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
 
 from shared.backoff import Backoff
+from shared.resp import RespConnection, RespError
 
 log = logging.getLogger(__name__)
 
 UNSUBSCRIBE_LINGER = 2.0
 CONFIRM_TIMEOUT = 5.0
+# Quiet this long: PING; quiet twice as long: the connection is dead.
+IDLE_PING = 10.0
 
 
 class Subscriber:
@@ -35,14 +36,16 @@ class Subscriber:
 
     def __init__(
         self,
-        redis: Redis,
+        redis_url: str,
         node_channel: str,
         on_message: Callable[[str, bytes], None],
         on_resubscribed: Callable[[], None],
         on_reconnect: Callable[[], None],
         backoff_cap: float = 2.0,
+        name: str = "",
     ) -> None:
-        self._redis = redis
+        self._url = redis_url
+        self._name = name
         self._node_channel = node_channel
         self._on_message = on_message
         self._on_resubscribed = on_resubscribed
@@ -53,9 +56,9 @@ class Subscriber:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._unsub_pending: dict[str, int] = {}
         self._linger: dict[str, asyncio.TimerHandle] = {}
-        self._pubsub: PubSub | None = None
-        self._connected = asyncio.Event()
+        self._conn: RespConnection | None = None
         self._expected: set[str] = set()
+        self._last_rx = time.monotonic()
         self.live = False  # connected and every wanted channel confirmed at least once
 
     @property
@@ -78,8 +81,8 @@ class Subscriber:
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(channel, []).append(waiter)
-        if count == 0 and self._pubsub is not None and self._connected.is_set():
-            await self._send(self._pubsub.subscribe, channel)
+        if count == 0:
+            self._send("SUBSCRIBE", channel)
         await asyncio.wait_for(asyncio.shield(waiter), CONFIRM_TIMEOUT)
 
     def hold(self, channel: str) -> None:
@@ -101,17 +104,20 @@ class Subscriber:
 
     def _unsubscribe(self, channel: str) -> None:
         self._linger.pop(channel, None)
-        if channel in self._refs or self._pubsub is None or not self._connected.is_set():
+        if channel in self._refs or self._conn is None:
             self._confirmed.discard(channel)
             return
         self._unsub_pending[channel] = self._unsub_pending.get(channel, 0) + 1
-        asyncio.get_running_loop().create_task(self._send(self._pubsub.unsubscribe, channel))
+        self._send("UNSUBSCRIBE", channel)
 
-    async def _send(self, method: Callable[..., Any], channel: str) -> None:
+    def _send(self, command: str, channel: str) -> None:
+        # While disconnected nothing is sent: the reconnect subscribes to all wanted.
+        conn = self._conn
+        if conn is None or conn.closed:
+            return
         try:
-            await method(channel)
-        except (RedisError, OSError) as exc:
-            # The read loop sees the same failure and resubscribes everything wanted.
+            conn.send((command, channel))
+        except (ConnectionError, OSError) as exc:
             log.warning("pub/sub command failed", extra={"error": repr(exc)})
 
     async def run(self) -> None:
@@ -119,46 +125,62 @@ class Subscriber:
         backoff = Backoff(cap=self._backoff_cap)
         first = True
         while True:
-            pubsub = self._redis.pubsub()
+            conn: RespConnection | None = None
+            watchdog: asyncio.Task[None] | None = None
             try:
+                conn = await RespConnection.open(self._url, name=self._name)
                 channels = [self._node_channel, *self._refs]
                 self._confirmed.clear()
                 self._unsub_pending.clear()
                 self._expected = set(channels)
-                await pubsub.subscribe(*channels)
-                self._pubsub = pubsub
-                self._connected.set()
+                conn.send(("SUBSCRIBE", *channels))
+                self._conn = conn
+                self._last_rx = time.monotonic()
                 if not first:
                     self._on_reconnect()
                 first = False
                 backoff.reset()
-                await self._read(pubsub)
+                watchdog = asyncio.create_task(self._watch(conn))
+                await self._read(conn)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except (ConnectionError, OSError, RespError) as exc:
                 log.warning("pub/sub connection lost", extra={"error": repr(exc)})
             except Exception:
                 log.exception("pub/sub loop failed")
             finally:
                 self.live = False
-                self._connected.clear()
-                self._pubsub = None
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+                self._conn = None
+                if watchdog is not None:
+                    watchdog.cancel()
+                if conn is not None:
+                    conn.close()
             await backoff.sleep()
 
-    async def _read(self, pubsub: PubSub) -> None:
+    async def _watch(self, conn: RespConnection) -> None:
+        # TCP keepalive takes minutes to notice a dead peer; a PING does it in seconds.
+        while not conn.closed:
+            await asyncio.sleep(IDLE_PING / 2)
+            quiet = time.monotonic() - self._last_rx
+            if quiet > 2 * IDLE_PING:
+                log.warning("pub/sub connection silent; reconnecting", extra={"quiet": quiet})
+                conn.close()
+            elif quiet > IDLE_PING:
+                with contextlib.suppress(ConnectionError, OSError):
+                    conn.send(("PING",))
+
+    async def _read(self, conn: RespConnection) -> None:
+        on_message = self._on_message
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
-            if message is None:
-                continue
-            kind = message["type"]
-            channel = message["channel"].decode()
-            if kind == b"message" or kind == "message":
-                self._on_message(channel, message["data"])
-            elif kind in (b"subscribe", "subscribe"):
-                self._confirm(channel)
-            elif kind in (b"unsubscribe", "unsubscribe"):
+            message = await conn.read()
+            self._last_rx = time.monotonic()
+            kind = message[0]
+            if kind == b"message":
+                on_message(message[1].decode(), message[2])
+            elif kind == b"subscribe":
+                self._confirm(message[1].decode())
+            elif kind == b"unsubscribe":
+                channel = message[1].decode()
                 pending = self._unsub_pending.get(channel, 0)
                 if pending > 1:
                     self._unsub_pending[channel] = pending - 1
@@ -167,7 +189,7 @@ class Subscriber:
                     self._confirmed.discard(channel)
                     # Wanted again while the unsubscribe was in flight: subscribe anew.
                     if channel in self._refs:
-                        await self._send(pubsub.subscribe, channel)
+                        self._send("SUBSCRIBE", channel)
 
     def _confirm(self, channel: str) -> None:
         if self._unsub_pending.get(channel):

@@ -101,6 +101,7 @@ async def _consumer_ctx(app: web.Application) -> AsyncIterator[None]:
         batch=settings.worker_batch,
         block_ms=settings.worker_block_ms,
         backoff_cap=settings.retry_backoff_max,
+        redis_url=settings.redis_url,
     )
     app[PARTITIONS] = partitions
     app[CONSUMER] = consumer

@@ -20,11 +20,14 @@ from shared.backoff import Backoff
 from shared.codec import STREAM_FIELD, decode_stream_entry, encode_push, encode_reply_envelope
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.metrics import WorkerMetrics
+from shared.resp import RespConnection, RespError
 
 from .partitions import PartitionManager
 from .processor import AlreadyStored, Counters, Item, Outcome, Processor, StaleOwner
 
 log = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT = 5.0
 
 
 class Consumer:
@@ -43,6 +46,7 @@ class Consumer:
         batch: int,
         block_ms: int,
         backoff_cap: float,
+        redis_url: str,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -60,9 +64,21 @@ class Consumer:
         self._groups: set[str] = set()
         self._sampled: set[str] = set()
         self._reclaim = False
+        # PUBLISH and XACK go through a lean connection of their own (shared/resp.py):
+        # one command per reply and push is the worker's hottest Redis path.
+        self._redis_url = redis_url
+        self._out: RespConnection | None = None
 
     async def run(self) -> None:
         """Read and handle batches until cancelled or :attr:`stopping`."""
+        try:
+            await self._loop()
+        finally:
+            if self._out is not None:
+                self._out.close()
+                self._out = None
+
+    async def _loop(self) -> None:
         backoff = Backoff(cap=self.backoff_cap)
         while not self.stopping:
             try:
@@ -203,7 +219,7 @@ class Consumer:
                 log.warning("sequence conflict; reloading", extra={"error": str(exc)})
                 suspect = True
                 await self.partitions.tick()
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, RespError) as exc:
                 self.redis_ok = False
                 self.metrics.retries.labels("redis").inc()
                 log.warning("publish failed; retrying", extra={"error": repr(exc)})
@@ -220,17 +236,25 @@ class Consumer:
         acks: dict[str, list[str]] = defaultdict(list)
         for item in items:
             acks[item.stream].append(item.entry_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for kind, index in outcome.order:
-                if kind == "r":
-                    node, reply = outcome.replies[index]
-                    pipe.publish(self.keys.node_channel(node), encode_reply_envelope(reply))
-                else:
-                    push = outcome.pushes[index]
-                    pipe.publish(self.keys.chat_channel(push.chat_id), encode_push(push))
-            for stream, ids in acks.items():
-                pipe.xack(stream, CONSUMER_GROUP, *ids)
-            await pipe.execute()
+        commands: list[tuple[Any, ...]] = []
+        for kind, index in outcome.order:
+            if kind == "r":
+                node, reply = outcome.replies[index]
+                commands.append(
+                    ("PUBLISH", self.keys.node_channel(node), encode_reply_envelope(reply))
+                )
+            else:
+                push = outcome.pushes[index]
+                commands.append(
+                    ("PUBLISH", self.keys.chat_channel(push.chat_id), encode_push(push))
+                )
+        for stream, ids in acks.items():
+            commands.append(("XACK", stream, CONSUMER_GROUP, *ids))
+        if self._out is None or self._out.closed:
+            self._out = await RespConnection.open(
+                self._redis_url, name=f"worker-out:{self.node_id}"
+            )
+        await asyncio.wait_for(self._out.execute(commands), PUBLISH_TIMEOUT)
 
     async def sample_streams(self) -> None:
         """Stream length and pending count of each owned partition, for /metrics."""
