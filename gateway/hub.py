@@ -94,6 +94,15 @@ class Hub:
         self._grant_tokens: dict[tuple[int, str], str] = {}
         self._fills: dict[str, Fill] = {}
         self.subscriber = subscriber_factory(self)
+        # Label look-ups cost a lock and a dict per call: resolve them once.
+        self._replies = {t: metrics.replies.labels(t) for t in (*protocol.REPLY_TYPES, "unknown")}
+        self._out_reply = metrics.frames_out.labels("reply")
+        self._out_push = metrics.frames_out.labels("push")
+        self._latency = {e: metrics.request_seconds.labels(e) for e in protocol.EVENTS}
+        # Gauges read at scrape time instead of being set on every change.
+        metrics.requests_in_flight.set_function(lambda: len(self.pending))
+        metrics.sockets_open.set_function(lambda: len(self.connections))
+        metrics.chat_channels.set_function(lambda: self.subscriber.chat_channels)
 
     # -- connections -------------------------------------------------------------
 
@@ -104,7 +113,6 @@ class Hub:
     def add(self, conn: Connection) -> None:
         """Register an accepted socket."""
         self.connections[conn.conn_id] = conn
-        self.metrics.sockets_open.set(len(self.connections))
 
     def remove(self, conn: Connection) -> None:
         """Forget a closed socket and release its chats."""
@@ -120,15 +128,13 @@ class Hub:
             self._grant_tokens.pop((conn.conn_id, chat_id), None)
             self.subscriber.release(self.keys.chat_channel(chat_id))
         conn.chats.clear()
-        self.metrics.sockets_open.set(len(self.connections))
-        self.metrics.chat_channels.set(self.subscriber.chat_channels)
 
     # -- requests ----------------------------------------------------------------
 
     def reply_now(self, conn: Connection, frame: bytes, reply_type: str) -> None:
         """Send a reply decided on this node (no worker involved)."""
-        self.metrics.replies.labels(reply_type).inc()
-        self.metrics.frames_out.labels("reply").inc()
+        self._replies[reply_type].inc()
+        self._out_reply.inc()
         conn.send(frame)
 
     async def submit(self, conn: Connection, request: protocol.Request, received_at: float) -> None:
@@ -187,7 +193,6 @@ class Hub:
             self.settings.request_timeout, self._timeout, req
         )
         self.pending[req] = pending
-        self.metrics.requests_in_flight.set(len(self.pending))
         return True
 
     def _fail(self, conn: Connection, event_type: str, request_id: str | None, detail: str) -> None:
@@ -198,7 +203,6 @@ class Hub:
         pending = self.pending.pop(req, None)
         if pending is None:
             return
-        self.metrics.requests_in_flight.set(len(self.pending))
         self.subscriber.release(self.keys.chat_channel(pending.chat_id))
         if pending.fill:
             self._finish_fill(pending.chat_id, None)
@@ -208,9 +212,7 @@ class Hub:
         self._fail(pending.conn, pending.event_type, pending.request_id, protocol.DETAIL_TIMEOUT)
 
     def _observe(self, pending: Pending) -> None:
-        self.metrics.request_seconds.labels(pending.event_type).observe(
-            time.monotonic() - pending.received_at
-        )
+        self._latency[pending.event_type].observe(time.monotonic() - pending.received_at)
 
     # -- pub/sub -----------------------------------------------------------------
 
@@ -230,7 +232,6 @@ class Hub:
         pending = self.pending.pop(reply.req, None)
         if pending is None:
             return  # timed out already: the client was told; a second reply would confuse it
-        self.metrics.requests_in_flight.set(len(self.pending))
         if pending.timer is not None:
             pending.timer.cancel()
         conn = pending.conn
@@ -247,8 +248,8 @@ class Hub:
                 self._revoke(conn, reply.revoke)
             self._observe(pending)
             reply_type = _reply_type(reply.frame)
-            self.metrics.replies.labels(reply_type).inc()
-            self.metrics.frames_out.labels("reply").inc()
+            self._replies[reply_type].inc()
+            self._out_reply.inc()
             if send_now:
                 conn.send(reply.frame)
         self.subscriber.release(channel)
@@ -305,7 +306,6 @@ class Hub:
             # The socket keeps its own reference on the channel while authorised.
             self.subscriber.hold(self.keys.chat_channel(grant.chat_id))
             self._grant_tokens[(conn.conn_id, grant.chat_id)] = pending.digest
-            self.metrics.chat_channels.set(self.subscriber.chat_channels)
             return True
         state.user_id = grant.user_id
         self._grant_tokens[(conn.conn_id, grant.chat_id)] = pending.digest
@@ -384,7 +384,7 @@ class Hub:
             delivered += sent
         if delivered:
             self.metrics.deliveries.inc(delivered)
-            self.metrics.frames_out.labels("push").inc(delivered)
+            self._out_push.inc(delivered)
             self.metrics.delivery_seconds.observe(max(0.0, now - push.stored_at))
 
     # -- gap recovery ------------------------------------------------------------
@@ -491,7 +491,7 @@ class Hub:
         if recovered:
             self.metrics.gaps_filled.inc(recovered)
             self.metrics.deliveries.inc(recovered)
-            self.metrics.frames_out.labels("push").inc(recovered)
+            self._out_push.inc(recovered)
 
     def on_resubscribed(self) -> None:
         """After a (re)connect: fetch what every local chat may have missed meanwhile."""
