@@ -14,14 +14,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import WSMsgType, web
+from aiohttp.typedefs import Handler
 from redis.asyncio import Redis
 
 from shared import protocol
 from shared.config import Settings
-from shared.metrics import CONTENT_TYPE, GatewayMetrics, render
+from shared.metrics import CONTENT_TYPE, GatewayMetrics, prime_gateway, render
 from shared.redis_client import create_redis
 
 from .connection import Connection
+from .drain import Drain
 from .hub import Hub
 from .producer import StreamProducer
 from .subscriber import Subscriber
@@ -35,6 +37,7 @@ METRICS = web.AppKey("metrics", GatewayMetrics)
 REDIS = web.AppKey("redis", Redis)
 HUB = web.AppKey("hub", Hub)
 BACKGROUND = web.AppKey("background", list[asyncio.Task[None]])
+DRAIN = web.AppKey("drain", Drain)
 
 BAD_BINARY = protocol.ProtocolError(
     protocol.BAD_REQUEST, "Binary frames are not supported: send JSON in text frames"
@@ -43,9 +46,11 @@ BAD_BINARY = protocol.ProtocolError(
 
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway application; resources start and stop with it."""
-    app = web.Application()
+    app = web.Application(middlewares=[_refuse_upgrades_while_draining])
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics()
+    prime_gateway(app[METRICS])
+    app[DRAIN] = Drain(settings, app[METRICS])
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_hub_ctx)
     app.router.add_get("/", root)
@@ -57,6 +62,19 @@ def create_app(settings: Settings) -> web.Application:
     if STATIC_DIR.is_dir():
         app.router.add_static("/static/", STATIC_DIR, append_version=False)
     return app
+
+
+@web.middleware
+async def _refuse_upgrades_while_draining(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    # A draining gateway answers upgrades 503 (nginx then tries another gateway at once
+    # and benches this one) instead of accepting a socket it is about to close.
+    if request.app[DRAIN].draining and request.headers.get("Upgrade", "").lower() == "websocket":
+        raise web.HTTPServiceUnavailable(
+            text="draining: connect to another gateway", headers={"Retry-After": "1"}
+        )
+    return await handler(request)
 
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -194,9 +212,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def is_ready(app: web.Application) -> tuple[bool, dict[str, bool]]:
-    """Ready to serve sockets: Redis takes requests and the subscriptions are live."""
+    """Ready to serve sockets: Redis takes requests, the subscriptions are live, not draining."""
     hub = app[HUB]
-    checks = {"pubsub": hub.subscriber.live, "redis_writes": hub.producer.healthy}
+    checks = {
+        "pubsub": hub.subscriber.live,
+        "redis_writes": hub.producer.healthy,
+        "not_draining": not app[DRAIN].draining,
+    }
     return all(checks.values()), checks
 
 

@@ -49,6 +49,12 @@ class Settings:
     heartbeat_seconds: float = 30.0
     websocket_compression: bool = False
     xadd_batch: int = 256
+    # Graceful drain on SIGTERM: the whole drain is bounded by drain_timeout; sockets are
+    # closed drain_batch_size at a time, drain_batch_interval apart, so their clients do
+    # not all reconnect to the other gateways in the same instant.
+    drain_timeout: float = 10.0
+    drain_batch_size: int = 100
+    drain_batch_interval: float = 0.1
 
     # Worker.
     worker_http_host: str = "127.0.0.1"
@@ -94,6 +100,11 @@ class Settings:
             raise ConfigError("send queue bounds must be positive")
         if self.worker_batch < 1 or self.xadd_batch < 1:
             raise ConfigError("batch sizes must be positive")
+        if self.drain_timeout < 0 or self.drain_batch_size < 1 or self.drain_batch_interval < 0:
+            raise ConfigError(
+                "DRAIN_TIMEOUT_SECONDS and DRAIN_BATCH_INTERVAL_SECONDS must not be negative, "
+                "DRAIN_BATCH_SIZE must be positive"
+            )
         if not self.node_id or any(c in self.node_id for c in " {}"):
             raise ConfigError("NODE_ID must be non-empty without spaces or braces")
 
@@ -121,6 +132,9 @@ _ENV_NAMES: dict[str, str] = {
     "heartbeat_seconds": "HEARTBEAT_SECONDS",
     "websocket_compression": "WEBSOCKET_COMPRESSION",
     "xadd_batch": "XADD_BATCH",
+    "drain_timeout": "DRAIN_TIMEOUT_SECONDS",
+    "drain_batch_size": "DRAIN_BATCH_SIZE",
+    "drain_batch_interval": "DRAIN_BATCH_INTERVAL_SECONDS",
     "worker_http_host": "WORKER_HTTP_HOST",
     "worker_http_port": "WORKER_HTTP_PORT",
     "lease_seconds": "LEASE_SECONDS",

@@ -9,6 +9,8 @@ browser tests skip with it (outside CI; with ``CI=true`` they fail instead).
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,6 +39,25 @@ def ensure_chromium() -> str | None:
     return str(CHROMIUM)
 
 
+# Commands the operations tests run (tests/test_operations.py), and their apt packages.
+# When one cannot be installed those tests skip with the reason (fail under CI=true).
+APT_TOOLS = {"nginx": "nginx", "docker-compose": "docker-compose"}
+
+
+def ensure_tool(command: str, package: str) -> str | None:
+    """Path of ``command``, installed from apt ``package`` when missing; None if it cannot be."""
+    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")
+    found = shutil.which(command, path=path)
+    if found:
+        return found
+    try:
+        _apt_install(package)
+    except (SetupError, OSError) as exc:
+        print(f"[prepare] {command}: {exc}; the tests that need it will skip", file=sys.stderr)
+        return None
+    return shutil.which(command, path=path)
+
+
 def main() -> int:
     """Exit 1 with a clear sentence when a server cannot be had (a missing browser is not fatal)."""
     try:
@@ -48,6 +69,8 @@ def main() -> int:
     chromium = ensure_chromium()
     if chromium:
         print(f"[prepare] chromium: {chromium}", flush=True)
+    for command, package in APT_TOOLS.items():
+        print(f"[prepare] {command}: {ensure_tool(command, package) or 'missing'}", flush=True)
     return 0
 
 
