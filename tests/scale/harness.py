@@ -873,7 +873,8 @@ def run_target(
                 step = run_step(
                     target, step_scenario, tag, args, label, report_dir / "steps" / f"{name}-{tag}"
                 )
-                if not step["disturbed"] or attempt == args.retry_disturbed:
+                # An integrity failure counts, disturbed or not.
+                if not step["disturbed"] or attempt == args.retry_disturbed or not step["passed"]:
                     break
                 say(f"{label}: disturbed by other processes, repeating the step")
                 _print_step(step)
@@ -884,8 +885,6 @@ def run_target(
                         "passed": step["passed"],
                     }
                 )
-                if not step["passed"]:
-                    break  # an integrity failure counts, disturbed or not
             step["discarded_disturbed_attempts"] = discarded
             if args.workload == "sweep":
                 ok, why = step_ok(step, args.slo_p99_ms)
