@@ -42,11 +42,13 @@ class ChatState:
     them: the socket's own replies while a gap in front of them is being filled.
     """
 
-    __slots__ = ("held", "last_seq", "user_id")
+    __slots__ = ("digest", "held", "last_seq", "user_id")
 
-    def __init__(self, user_id: str, last_seq: int) -> None:
+    def __init__(self, user_id: str, last_seq: int, digest: str) -> None:
         self.user_id = user_id
         self.last_seq = last_seq
+        # The token digest that authorised the socket: gap fills are asked with it.
+        self.digest = digest
         self.held: dict[int, bytes] | None = None
 
     def hold(self, seq: int, frame: bytes) -> None:

@@ -90,8 +90,6 @@ class Hub:
         self.pending: dict[int, Pending] = {}
         self._ids = itertools.count(1)
         self._req_ids = itertools.count(1)
-        # Token digests that authorised (conn, chat): used to fill gaps on its behalf.
-        self._grant_tokens: dict[tuple[int, str], str] = {}
         self._fills: dict[str, Fill] = {}
         self.subscriber = subscriber_factory(self)
         # Label look-ups cost a lock and a dict per call: resolve them once.
@@ -125,7 +123,6 @@ class Hub:
                 members.pop(conn.conn_id, None)
                 if not members:
                     del self.chats[chat_id]
-            self._grant_tokens.pop((conn.conn_id, chat_id), None)
             self.subscriber.release(self.keys.chat_channel(chat_id))
         conn.chats.clear()
 
@@ -301,14 +298,13 @@ class Hub:
         """Record the grant; False when the reply ``frame`` is held back (sent later in order)."""
         state = conn.chats.get(grant.chat_id)
         if state is None:
-            conn.chats[grant.chat_id] = ChatState(grant.user_id, grant.head)
+            conn.chats[grant.chat_id] = ChatState(grant.user_id, grant.head, pending.digest)
             self.chats.setdefault(grant.chat_id, {})[conn.conn_id] = conn
             # The socket keeps its own reference on the channel while authorised.
             self.subscriber.hold(self.keys.chat_channel(grant.chat_id))
-            self._grant_tokens[(conn.conn_id, grant.chat_id)] = pending.digest
             return True
         state.user_id = grant.user_id
-        self._grant_tokens[(conn.conn_id, grant.chat_id)] = pending.digest
+        state.digest = pending.digest
         if pending.event_type not in protocol.SEND_EVENTS:
             # A history page changes nothing about which pushes this socket has had.
             return True
@@ -338,7 +334,6 @@ class Hub:
             members.pop(conn.conn_id, None)
             if not members:
                 del self.chats[chat_id]
-        self._grant_tokens.pop((conn.conn_id, chat_id), None)
         self.subscriber.release(self.keys.chat_channel(chat_id))
 
     def _on_push(self, chat_id: str, push: Push, *, may_fill: bool = True) -> None:
@@ -397,9 +392,7 @@ class Hub:
     def _start_fill(self, chat_id: str, after: int, waiting: list[Push], attempt: int = 1) -> bool:
         """Fetch the chat's messages after ``after`` through the worker; False if impossible."""
         members = self.chats.get(chat_id) or {}
-        owner = next(
-            (c for c in members.values() if (c.conn_id, chat_id) in self._grant_tokens), None
-        )
+        owner = next((c for c in members.values() if chat_id in c.chats), None)
         if owner is None:
             return False
         fill = Fill(waiting=waiting, after=after, attempt=attempt)
@@ -411,7 +404,7 @@ class Hub:
             protocol.GET_HISTORY,
             {"after_id": after, "limit": protocol.HISTORY_MAX_LIMIT},
             None,
-            self._grant_tokens[(owner.conn_id, chat_id)],
+            owner.chats[chat_id].digest,
             time.monotonic(),
             fill=True,
         )
