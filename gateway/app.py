@@ -13,18 +13,19 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from aiohttp import WSMsgType, web
+from aiohttp import WebSocketError, WSMsgType, web
 from aiohttp.typedefs import Handler
 from redis.asyncio import Redis
 
 from shared import protocol
-from shared.config import Settings
+from shared.config import ConfigError, Settings
 from shared.metrics import CONTENT_TYPE, GatewayMetrics, prime_gateway, render
 from shared.redis_client import create_redis
 
-from .connection import Connection
+from .connection import TRANSPORT_HIGH_WATER, Connection
 from .drain import Drain
 from .hub import Hub
+from .limits import Guard, Verdict, address_group
 from .producer import StreamProducer
 from .subscriber import Subscriber
 
@@ -38,16 +39,29 @@ REDIS = web.AppKey("redis", Redis)
 HUB = web.AppKey("hub", Hub)
 BACKGROUND = web.AppKey("background", list[asyncio.Task[None]])
 DRAIN = web.AppKey("drain", Drain)
+GUARD = web.AppKey("guard", Guard)
+LIMITS = web.AppKey("limits", protocol.Limits)
 
-BAD_BINARY = protocol.ProtocolError(
+BINARY_ERROR = protocol.ProtocolError(
     protocol.BAD_REQUEST, "Binary frames are not supported: send JSON in text frames"
-).to_frame()
+)
+BAD_BINARY = BINARY_ERROR.to_frame()
+CLOSE_RATE_LIMITED = 1008
+_CLOSING: set[asyncio.Task[None]] = set()
 
 
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway application; resources start and stop with it."""
     app = web.Application(middlewares=[_refuse_upgrades_while_draining])
     app[SETTINGS] = settings
+    # Abuse settings are parsed here, so a bad TRUSTED_PROXIES, ALLOWED_ORIGINS or
+    # FILE_URL_PREFIXES stops the gateway at start with the variable's name.
+    app[GUARD] = Guard.from_settings(settings)
+    try:
+        prefixes = protocol.normalise_url_prefixes(settings.file_url_prefixes)
+    except ValueError as exc:
+        raise ConfigError(f"FILE_URL_PREFIXES: {exc}") from None
+    app[LIMITS] = protocol.Limits(settings.max_text_length, prefixes)
     app[METRICS] = GatewayMetrics()
     prime_gateway(app[METRICS])
     app[DRAIN] = Drain(settings, app[METRICS])
@@ -142,50 +156,134 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
-    """One client socket: read frames, validate, forward; replies arrive through the hub."""
+    """One client socket: admit it, then read frames, validate, rate-limit and forward.
+
+    Replies arrive through the hub. A handshake from a foreign browser page is refused
+    with 403, one over the per-address connection limit with 429 (both before the
+    upgrade, so they cost no socket state).
+    """
+    app = request.app
+    guard = app[GUARD]
+    metrics = app[METRICS]
+    client = guard.client_address(request.remote, request.headers.getall("X-Forwarded-For", ()))
+    if not guard.origins.allows(request.headers.get("Origin"), request.headers.get("Host")):
+        metrics.connections_rejected.labels("origin").inc()
+        # Debug only: a refused handshake costs the attacker nothing, so neither may the log.
+        log.debug("refused handshake from a foreign origin", extra={"peer": client})
+        raise web.HTTPForbidden(text="This page's origin may not open chat sockets")
+    group = address_group(client)
+    if not guard.per_ip.acquire(group):
+        metrics.connections_rejected.labels("per_ip").inc()
+        log.debug("refused handshake over the per-address limit", extra={"peer": client})
+        raise web.HTTPTooManyRequests(
+            text="Too many connections from your address", headers={"Retry-After": "10"}
+        )
+    try:
+        return await _serve(request, client)
+    finally:
+        guard.per_ip.release(group)
+
+
+async def _serve(request: web.Request, client: str) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     hub = app[HUB]
     metrics = app[METRICS]
+    limits = app[LIMITS]
     ws = web.WebSocketResponse(
         heartbeat=settings.heartbeat_seconds,
         max_msg_size=settings.max_frame_bytes,
         compress=settings.websocket_compression,
+        # aiohttp waits for the transport to drain only after this many bytes of output
+        # (default 256 KiB): at the transport's own high-water mark, a socket that stops
+        # reading holds at most ~2 x 64 KiB in the transport besides its send queue.
+        writer_limit=TRANSPORT_HIGH_WATER,
+        # Text frames arrive as bytes: orjson validates the UTF-8 itself, so invalid UTF-8
+        # gets a bad_request reply instead of aiohttp closing the socket with 1007.
+        decode_text=False,
     )
     await ws.prepare(request)
     conn = Connection(
         hub.new_connection_id(),
         ws,
         request.transport,
-        request.remote or "-",
+        client,
         max_messages=settings.send_queue_max_messages,
         max_bytes=settings.send_queue_max_bytes,
         on_slow=lambda c: _slow_consumer(c, metrics),
     )
     hub.add(conn)
     metrics.connections_opened.inc()
-    limits = hub.limits
+    limiter = app[GUARD].limiter(time.monotonic())
+    limited_detail = (
+        f"Too many requests: at most {settings.rate_limit_per_second:g} per second "
+        f"(bursts of {settings.rate_limit_burst}); slow down and retry"
+    )
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                received = time.monotonic()
-                try:
-                    req = protocol.parse_request(msg.data, limits)
-                except protocol.ProtocolError as exc:
-                    metrics.frames_in.labels("invalid").inc()
-                    hub.reply_now(conn, exc.to_frame(), exc.reply_type)
-                    continue
-                metrics.frames_in.labels(req.event_type).inc()
-                await hub.submit(conn, req, received)
+                req, error = _parse(msg.data, limits)
+                metrics.frames_in.labels(req.event_type if req else "invalid").inc()
             elif msg.type == WSMsgType.BINARY:
+                req, error = None, BINARY_ERROR
                 metrics.frames_in.labels("binary").inc()
-                hub.reply_now(conn, BAD_BINARY, protocol.BAD_REQUEST)
             elif msg.type == WSMsgType.ERROR:
+                if isinstance(msg.data, WebSocketError) and conn.close_code is None:
+                    # The code aiohttp closed with (1009 too big, 1002 protocol error),
+                    # not whatever the peer answered, or failed to answer, to it.
+                    conn.close_code = msg.data.code
                 break
+            else:
+                continue
+            received = time.monotonic()
+            verdict = limiter.check(received)
+            if verdict is not Verdict.ALLOW:
+                metrics.rate_limited.inc()
+                if verdict is Verdict.CLOSE:
+                    log.info(
+                        "closing a client that kept sending past its rate limit",
+                        extra={"conn": conn.conn_id, "peer": conn.peer},
+                    )
+                    await conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded")
+                    break
+                said = req if req is not None else error
+                assert said is not None
+                frame = protocol.encode_reply(
+                    protocol.RATE_LIMITED, said.event_type, None, limited_detail, said.request_id
+                )
+                hub.reply_now(conn, frame, protocol.RATE_LIMITED)
+                continue
+            if error is not None:
+                hub.reply_now(conn, error.to_frame(), error.reply_type)
+                continue
+            assert req is not None
+            await hub.submit(conn, req, received)
     finally:
         hub.remove(conn)
-        metrics.connections_closed.labels(str(ws.close_code or 1006)).inc()
+        metrics.connections_closed.labels(_close_label(conn.close_code or ws.close_code)).inc()
     return ws
+
+
+def _parse(
+    data: str | bytes, limits: protocol.Limits
+) -> tuple[protocol.Request | None, protocol.ProtocolError | None]:
+    try:
+        return protocol.parse_request(data, limits), None
+    except protocol.ProtocolError as exc:
+        return None, exc
+    except Exception as exc:
+        # A parser bug must cost the client one reply, not its socket, and the log gets
+        # the exception's type only: its message could quote the frame (a token, a text).
+        log.error("request parser failed", extra={"error": type(exc).__name__})
+        return None, protocol.ProtocolError(protocol.BAD_REQUEST, "Malformed request")
+
+
+def _close_label(code: int | None) -> str:
+    # Clients choose codes 3000-4999 freely: one label for all of them keeps the
+    # metric's cardinality bounded.
+    if code is None:
+        return "1006"
+    return str(code) if code < 3000 else "other"
 
 
 def _slow_consumer(conn: Connection, metrics: GatewayMetrics) -> None:
@@ -195,14 +293,22 @@ def _slow_consumer(conn: Connection, metrics: GatewayMetrics) -> None:
     metrics.send_queue_drops.inc()
     metrics.slow_consumer_disconnects.inc()
     log.info("closing slow consumer", extra={"conn": conn.conn_id, "peer": conn.peer})
-    asyncio.get_running_loop().create_task(_close_slow(conn), name=f"close-slow-{conn.conn_id}")
+    task = asyncio.get_running_loop().create_task(
+        _close_slow(conn), name=f"close-slow-{conn.conn_id}"
+    )
+    # The loop keeps only a weak reference to a task: without this one, a close that is
+    # waiting on a stalled peer can be garbage-collected half-way and never abort it.
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
 
 
 async def _close_slow(conn: Connection) -> None:
     # The socket's queue is full, so a polite close frame may never get through:
-    # give it a moment, then drop the transport.
-    await conn.close(1008, "slow consumer: send queue full")
-    if conn.transport is not None and not conn.transport.is_closing():
+    # give it a moment (a slow phone may still read it), then drop the transport.
+    await conn.close(1008, "slow consumer: send queue full", timeout=1.0)
+    # Always abort: after close() the transport is "closing" but still holds its unsent
+    # buffer until the peer reads it, which a peer that stopped reading never does.
+    if conn.transport is not None:
         conn.transport.abort()
 
 

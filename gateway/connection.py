@@ -67,6 +67,7 @@ class Connection:
         "_queued_bytes",
         "_writer",
         "chats",
+        "close_code",
         "closed",
         "conn_id",
         "on_slow",
@@ -159,16 +160,36 @@ class Connection:
         """(frames, bytes) waiting in this socket's own queue."""
         return (len(self._queue) if self._queue else 0, self._queued_bytes)
 
-    async def close(self, code: int, reason: str) -> None:
-        """Close the socket with ``code`` and ``reason``; safe to call twice."""
+    async def close(self, code: int, reason: str, timeout: float = 5.0) -> None:
+        """Close the socket with ``code`` and ``reason``; safe to call twice.
+
+        The close handshake gets ``timeout`` seconds; when it does not complete (a peer
+        that stopped reading never takes the close frame), the TCP connection is aborted,
+        so its unsent buffer is freed instead of waiting for a reader that never comes.
+        """
         self.closed = True
+        if self.close_code is None:
+            self.close_code = code
         writer = self._writer
         if writer is not None and writer is not asyncio.current_task():
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), 5.0)
+        done = False
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), timeout)
+            done = True
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # Not our cancellation: aiohttp shares one drain future among every task
+            # waiting on the transport, so cancelling the writer above cancelled the
+            # future ws.close() then waited on.
+        except Exception:  # the peer went away, or the handshake timed out
+            pass
+        if not done and self.transport is not None:
+            self.transport.abort()
 
     def __repr__(self) -> str:
         return f"<Connection {self.conn_id} {self.peer}>"

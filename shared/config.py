@@ -23,8 +23,18 @@ def _default_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in value.split(",") if part.strip())
+class Csv(tuple[str, ...]):
+    """A list setting; ``str()`` is its environment form, so settings written back into
+    an environment (for a child process) parse to the same value."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return ",".join(self)
+
+
+def _csv(value: str) -> Csv:
+    return Csv(part.strip() for part in value.split(",") if part.strip())
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +75,15 @@ class Settings:
     auth_cache_ttl: float = 5.0
     stream_maxlen: int = 1_000_000
     retry_backoff_max: float = 2.0
+
+    # Abuse limits (gateway); docs/security.md explains each one.
+    rate_limit_per_second: float = 50.0  # 0: no rate limit
+    rate_limit_burst: int = 200
+    rate_limit_close_after: int = 100
+    max_connections_per_ip: int = 1_000  # 0: no limit
+    trusted_proxies: tuple[str, ...] = ()  # IPs or CIDRs whose X-Forwarded-For is believed
+    allowed_origins: tuple[str, ...] = ()  # empty: browsers only from the gateway's own host
+    file_url_prefixes: tuple[str, ...] = ("/",)  # also applies to avatars set by the admin CLI
 
     # Both.
     log_level: str = "INFO"
@@ -107,6 +126,24 @@ class Settings:
             )
         if not self.node_id or any(c in self.node_id for c in " {}"):
             raise ConfigError("NODE_ID must be non-empty without spaces or braces")
+        if self.rate_limit_per_second < 0:
+            raise ConfigError("RATE_LIMIT_PER_SECOND must not be negative (0 turns it off)")
+        if self.rate_limit_burst < 1 or self.rate_limit_close_after < 1:
+            raise ConfigError("RATE_LIMIT_BURST and RATE_LIMIT_CLOSE_AFTER must be positive")
+        if self.max_connections_per_ip < 0:
+            raise ConfigError("MAX_CONNECTIONS_PER_IP must not be negative (0 turns it off)")
+        # TRUSTED_PROXIES, ALLOWED_ORIGINS and FILE_URL_PREFIXES are parsed (and refused
+        # with their names) by the code that uses them: gateway/limits.py, shared/protocol.py.
+
+    def __post_init__(self) -> None:
+        # List settings given as plain tuples (overrides, dataclasses.replace) become Csv,
+        # so str() renders them the way the environment variable is written.
+        for name in _LIST_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, Csv):
+                object.__setattr__(
+                    self, name, _csv(value) if isinstance(value, str) else Csv(value)
+                )
 
     @property
     def mongo_database(self) -> str:
@@ -143,6 +180,13 @@ _ENV_NAMES: dict[str, str] = {
     "auth_cache_ttl": "AUTH_CACHE_TTL_SECONDS",
     "stream_maxlen": "STREAM_MAXLEN",
     "retry_backoff_max": "RETRY_BACKOFF_MAX_SECONDS",
+    "rate_limit_per_second": "RATE_LIMIT_PER_SECOND",
+    "rate_limit_burst": "RATE_LIMIT_BURST",
+    "rate_limit_close_after": "RATE_LIMIT_CLOSE_AFTER",
+    "max_connections_per_ip": "MAX_CONNECTIONS_PER_IP",
+    "trusted_proxies": "TRUSTED_PROXIES",
+    "allowed_origins": "ALLOWED_ORIGINS",
+    "file_url_prefixes": "FILE_URL_PREFIXES",
     "log_level": "LOG_LEVEL",
     "use_uvloop": "USE_UVLOOP",
 }
@@ -150,6 +194,10 @@ _ENV_NAMES: dict[str, str] = {
 _TYPES: dict[str, type] = {
     f.name: type(f.default) if not callable(f.default_factory) else str for f in fields(Settings)
 }
+
+
+# Settings that hold a comma-separated list.
+_LIST_FIELDS: tuple[str, ...] = tuple(name for name, kind in _TYPES.items() if kind is tuple)
 
 
 def env_names() -> dict[str, str]:

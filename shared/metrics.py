@@ -111,6 +111,19 @@ class GatewayMetrics:
             "Gap fills given up after repeated timeouts (sockets may have missed messages).",
             registry=r,
         )
+        self.rate_limited = Counter(
+            "chat_gateway_rate_limited",
+            "Frames refused with rate_limited (over the per-socket rate).",
+            registry=r,
+        )
+        self.connections_rejected = Counter(
+            "chat_gateway_connections_rejected",
+            "WebSocket handshakes refused, by reason (origin|per_ip).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("origin", "per_ip"):
+            self.connections_rejected.labels(reason)
         self.redis_reconnects = redis_reconnects(r)
         self.ready = ready_gauge(r)
 

@@ -8,7 +8,7 @@ an old client that never sends them sees exactly the seed's shapes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -65,6 +65,8 @@ class Limits:
     """Validation limits taken from settings."""
 
     max_text_length: int = 4_096
+    # Normalised by normalise_url_prefixes; "/" admits every rooted path on our host.
+    file_url_prefixes: tuple[str, ...] = ("/",)
 
 
 class ProtocolError(Exception):
@@ -249,8 +251,9 @@ def _file_message(message: Any, limits: Limits, bad: Any) -> dict[str, Any]:
     file_url = message.get("file_url")
     if not isinstance(file_url, str) or not file_url.strip():
         raise bad("message.file_url is required and must be a non-empty string")
-    if len(file_url) > MAX_URL_LENGTH or not file_url.isprintable():
-        raise bad(f"file_url must be printable and at most {MAX_URL_LENGTH} characters")
+    problem = check_media_url(file_url, limits.file_url_prefixes)
+    if problem is not None:
+        raise bad(f"file_url {problem}")
     text = message.get("text")
     if text is not None and not isinstance(text, str):
         raise bad("message.text must be a string or null")
@@ -267,7 +270,89 @@ def _file_message(message: Any, limits: Limits, bad: Any) -> dict[str, Any]:
 
 def _json_reason(exc: orjson.JSONDecodeError) -> str:
     # orjson's messages are short and carry no input echo beyond a position.
-    return str(exc.msg)[:120] if hasattr(exc, "msg") else "malformed"
+    reason = str(exc.msg)[:120] if hasattr(exc, "msg") else "malformed"
+    if reason.startswith("str is not valid UTF-8"):
+        # orjson says "surrogates not allowed" for any invalid byte sequence.
+        return "the frame is not valid UTF-8"
+    if reason.startswith("depth limit exceeded"):
+        return "nested too deeply (depth limit exceeded)"
+    if reason.startswith("number is infinity"):
+        return "number out of range"
+    return reason
+
+
+def normalise_url_prefixes(prefixes: Iterable[str]) -> tuple[str, ...]:
+    """Check and normalise ``FILE_URL_PREFIXES``; raise ValueError naming a bad entry.
+
+    An entry is either a path prefix (``/`` or ``/static_media/``: URLs on the host that
+    serves the client) or an ``http(s)://host[:port][/path]`` prefix. An absolute prefix
+    without a path gets ``/`` appended, so ``https://cdn.example.com`` never admits
+    ``https://cdn.example.com.evil.org/``. Scheme and host are lower-cased.
+    """
+    normalised: list[str] = []
+    for prefix in prefixes:
+        if prefix.startswith("/"):
+            if prefix.startswith("//") or "\\" in prefix or not prefix.isprintable():
+                raise ValueError(f"{prefix!r}: a path prefix starts with a single /")
+            normalised.append(prefix)
+            continue
+        absolute = _absolute_url(prefix)
+        if absolute is None:
+            raise ValueError(f"{prefix!r}: use a path (/...) or an http(s)://host/ prefix")
+        scheme, host, rest = absolute
+        if "?" in rest or "#" in rest:
+            raise ValueError(f"{prefix!r}: a prefix has no query or fragment")
+        normalised.append(f"{scheme}://{host}{rest or '/'}")
+    if not normalised:
+        raise ValueError("at least one prefix is required (/ admits every path on this host)")
+    return tuple(normalised)
+
+
+def check_media_url(url: str, prefixes: tuple[str, ...]) -> str | None:
+    """Why ``url`` may not be shown to other users as a link or image, or None when it may.
+
+    Accepted: a path starting with one of the path prefixes (never ``//``, which a
+    browser reads as another host), or an http(s) URL starting with one of the absolute
+    prefixes. Everything else is refused, so ``javascript:``, ``data:``, ``vbscript:``
+    and protocol-relative URLs never reach a client. ``prefixes`` come from
+    :func:`normalise_url_prefixes`.
+    """
+    if len(url) > MAX_URL_LENGTH:
+        return f"must be at most {MAX_URL_LENGTH} characters"
+    if not url.isprintable() or "\\" in url:
+        # Browsers drop tabs and newlines inside URLs and read \ as /: refuse both.
+        return "must not contain control characters or backslashes"
+    if url.startswith("/"):
+        if url.startswith("//"):
+            return "must not be protocol-relative (//host)"
+        if any(p.startswith("/") and url.startswith(p) for p in prefixes):
+            return None
+        return "is not under an allowed path"
+    absolute = _absolute_url(url)
+    if absolute is not None:
+        scheme, host, rest = absolute
+        candidate = f"{scheme}://{host}{rest}"
+        if any(not p.startswith("/") and candidate.startswith(p) for p in prefixes):
+            return None
+        return "is not under an allowed URL prefix"
+    return "must be a path starting with / or an allowed http(s) URL"
+
+
+def _absolute_url(url: str) -> tuple[str, str, str] | None:
+    """(scheme, host, rest) of an ``http(s)://host...`` URL, lower-cased; else None."""
+    scheme, sep, after = url.partition("://")
+    if not sep or scheme.lower() not in {"http", "https"}:
+        return None
+    cut = len(after)
+    for mark in "/?#":
+        found = after.find(mark)
+        if found != -1:
+            cut = min(cut, found)
+    host, rest = after[:cut], after[cut:]
+    # No user info: "https://cdn.example.com@evil.org/" must not look like the CDN.
+    if not host or "@" in host or not host.isprintable() or " " in host:
+        return None
+    return scheme.lower(), host.lower(), rest
 
 
 def encode_reply(

@@ -24,7 +24,7 @@ from pymongo.errors import DuplicateKeyError
 
 from shared.codec import token_digest
 from shared.config import Settings
-from shared.protocol import normalise_id
+from shared.protocol import check_media_url, normalise_id, normalise_url_prefixes
 
 from .store import Store, create_client
 
@@ -76,8 +76,21 @@ async def _issue(store: Store, user_id: str, ttl: float | None) -> dict[str, Any
     return {"user_id": user_id, "token": token}
 
 
+def check_avatar(avatar: str, settings: Settings) -> None:
+    """Refuse an avatar URL a browser should not load (same policy as ``file_url``)."""
+    try:
+        prefixes = normalise_url_prefixes(settings.file_url_prefixes)
+    except ValueError as exc:
+        raise AdminError(f"FILE_URL_PREFIXES: {exc}") from None
+    problem = check_media_url(avatar, prefixes)
+    if problem is not None:
+        raise AdminError(f"avatar {problem}")
+
+
 async def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """Carry out one command; returns what is printed."""
+    if getattr(args, "avatar", None) is not None:
+        check_avatar(args.avatar, settings)
     client = create_client(settings.mongo_url, appname="chat-admin")
     try:
         store = Store(client[settings.mongo_database])
