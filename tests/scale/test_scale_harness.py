@@ -3,6 +3,7 @@ short end-to-end run against the in-memory aiohttp peer (no Redis, no MongoDB)."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -157,4 +158,6 @@ def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
     assert step["verification"]["passed"]
     assert step["counts"]["acked"] == step["counts"]["sent"] > 0
     assert step["verification"]["delivered"] == step["verification"]["expected_deliveries"] > 0
-    assert (report_dir / "report.md").exists() and (report_dir / "chart.png").exists()
+    assert (report_dir / "report.md").exists()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (report_dir / "chart.png").exists()
