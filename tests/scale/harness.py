@@ -48,7 +48,7 @@ from tests.scale.workloads import (
 TARGETS = ("ours", "socketio", "channels", "aiohttp")
 PEERS = ("socketio", "channels", "aiohttp")
 # What each target needs and how its load generator speaks to it.
-ADAPTER = {"ours": "ours", "socketio": "socketio", "channels": "ours", "aiohttp": "ours"}
+ADAPTER = {"ours": "ours", "socketio": "socketio", "channels": "plainws", "aiohttp": "plainws"}
 NEEDS_REDIS = {"ours": True, "socketio": True, "channels": True, "aiohttp": False}
 PYTHON = sys.executable
 

@@ -177,7 +177,9 @@ class SocketIOAdapter:
         return []
 
 
-ADAPTERS = {"ours": OursAdapter, "socketio": SocketIOAdapter}
+# ``plainws``: the Channels and bare aiohttp peers speak the gateway's frames, so the same
+# adapter serves them under its own name.
+ADAPTERS = {"ours": OursAdapter, "plainws": OursAdapter, "socketio": SocketIOAdapter}
 
 
 # --------------------------------------------------------------------------- clients
