@@ -56,3 +56,17 @@ class _StaticFields(logging.Filter):
         for key, value in self.fields.items():
             setattr(record, key, value)
         return True
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception for a log line, without anything it may carry from a payload.
+
+    MongoDB write errors quote the offending document (message texts); those are
+    reduced to their type and error codes. Anything else keeps its first 200 characters.
+    """
+    details = getattr(exc, "details", None)
+    if type(exc).__module__.startswith("pymongo") and details is not None:
+        errors = details.get("writeErrors") if isinstance(details, dict) else None
+        codes = sorted({e.get("code") for e in errors or ()} or {details.get("code")})
+        return f"{type(exc).__name__}(codes={codes})"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"

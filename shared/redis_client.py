@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 
 def create_redis(url: str, *, name: str) -> Redis:
@@ -14,4 +16,7 @@ def create_redis(url: str, *, name: str) -> Redis:
         socket_keepalive=True,
         health_check_interval=15,
         decode_responses=False,
+        # Every caller has its own retry loop with backoff and a health flag; redis-py's
+        # default retries (with up to 10 s of backoff) would hide an outage from /readyz.
+        retry=Retry(NoBackoff(), 0),
     )

@@ -53,8 +53,15 @@ class Client:
         )
 
     async def _read(self) -> None:
+        reason = ""
         try:
-            async for msg in self.ws:
+            while True:
+                msg = await self.ws.receive()
+                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING):
+                    reason = str(msg.extra or "")
+                    break
+                if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     frame = orjson.loads(msg.data)
                     self.frames.append(frame)
@@ -69,7 +76,7 @@ class Client:
                         self.pushes.put_nowait(frame)
         finally:
             if not self.closed.done():
-                self.closed.set_result((self.ws.close_code, str(self.ws.extra or "")))
+                self.closed.set_result((self.ws.close_code, reason))
 
     async def send_raw(self, data: str | bytes, *, expect_reply: bool = True) -> None:
         """Send a frame as-is (binary for bytes); its reply is taken by :meth:`reply`."""

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from shared.config import Settings
 from shared.keys import Keys
+from shared.logs import describe_error
 from shared.metrics import (
     CONTENT_TYPE,
     REDIS_COMPONENT_LEASES,
@@ -219,7 +220,7 @@ async def _retrying(what: str, action: Any) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning(f"{what} failed; retrying", extra={"error": repr(exc)[:300]})
+            log.warning(f"{what} failed; retrying", extra={"error": describe_error(exc)})
             await backoff.sleep()
 
 

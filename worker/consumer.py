@@ -19,6 +19,7 @@ from redis.exceptions import RedisError, ResponseError
 from shared.backoff import Backoff
 from shared.codec import STREAM_FIELD, decode_stream_entry, encode_push, encode_reply_envelope
 from shared.keys import CONSUMER_GROUP, Keys
+from shared.logs import describe_error
 from shared.metrics import WorkerMetrics
 from shared.resp import RespConnection, RespError
 
@@ -109,7 +110,7 @@ class Consumer:
             except (RedisError, OSError) as exc:
                 self.redis_ok = False
                 self._reclaim = True
-                log.warning("stream read failed", extra={"error": repr(exc)})
+                log.warning("stream read failed", extra={"error": describe_error(exc)})
                 await backoff.sleep()
             except Exception:
                 log.exception("consumer loop failed; retrying")
@@ -222,13 +223,13 @@ class Consumer:
             except (RedisError, OSError, RespError) as exc:
                 self.redis_ok = False
                 self.metrics.retries.labels("redis").inc()
-                log.warning("publish failed; retrying", extra={"error": repr(exc)})
+                log.warning("publish failed; retrying", extra={"error": describe_error(exc)})
                 await backoff.sleep()
             except Exception as exc:
                 # MongoDB unavailable (or any other failure): nothing is acked, retry.
                 self.mongo_ok = _is_mongo_up(exc)
                 self.metrics.retries.labels("mongo").inc()
-                log.warning("batch failed; retrying", extra={"error": repr(exc)[:300]})
+                log.warning("batch failed; retrying", extra={"error": describe_error(exc)})
                 suspect = True
                 await backoff.sleep()
 

@@ -253,7 +253,7 @@ class Processor:
             self.counters.forget({i.entry.chat_id for i, _ in segment})
             duplicate = _duplicate_index(exc)
             if duplicate == SEQ_INDEX:
-                raise StaleOwner(str(exc)[:200]) from exc
+                raise StaleOwner(SEQ_INDEX) from exc
             if duplicate is not None:
                 raise AlreadyStored(duplicate) from exc
             raise
