@@ -45,6 +45,9 @@ def setup_logging(level: str, **static: Any) -> None:
     root.setLevel(level.upper())
     # aiohttp's access log is one line per HTTP request: noise at INFO on a busy node.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # At DEBUG, pymongo.command logs every command with its documents (message texts,
+    # token digests): PyMongo logs from INFO up only, whatever LOG_LEVEL says.
+    logging.getLogger("pymongo").setLevel(max(root.getEffectiveLevel(), logging.INFO))
 
 
 class _StaticFields(logging.Filter):

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aiohttp import web
 
 log = logging.getLogger(__name__)
+
+# Handlers still running after the drain (none, normally) get this long before cancel.
+SHUTDOWN_TIMEOUT = 5.0
 
 
 def install_event_loop_policy(use_uvloop: bool) -> None:
@@ -29,3 +39,54 @@ def settle_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    drain: Callable[[], Coroutine[Any, Any, None]],
+    on_cut: Callable[[], None] | None = None,
+) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT, run ``drain`` while still listening, then stop.
+
+    ``web.run_app`` is not used because on a signal it stops listening first and only
+    then runs the shutdown hooks: a load balancer would see refused connections instead
+    of ``/readyz`` answering 503 during the drain. A second signal cuts the drain short
+    (``on_cut`` is called first).
+    """
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        log.info("listening", extra={"host": host, "port": port})
+        settle_gc()
+        signals = _signal_queue()
+        received = await signals.get()
+        log.info("stopping", extra={"signal": received})
+        draining = asyncio.create_task(drain(), name="drain")
+        again = asyncio.create_task(signals.get(), name="second-signal")
+        await asyncio.wait({draining, again}, return_when=asyncio.FIRST_COMPLETED)
+        if not draining.done():
+            log.warning("second signal: cutting the drain short")
+            if on_cut is not None:
+                on_cut()
+            draining.cancel()
+        again.cancel()
+        for task in (draining, again):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    finally:
+        # Stops listening, then the app's cleanup closes whatever is left.
+        await runner.cleanup()
+    log.info("stopped")
+
+
+def _signal_queue() -> asyncio.Queue[str]:
+    """SIGTERM and SIGINT, as they arrive, by name."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, queue.put_nowait, sig.name)
+    return queue

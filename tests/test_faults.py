@@ -144,7 +144,9 @@ class Cluster:
                     async with self.stack.session.get(url + "metrics") as resp:
                         text = await resp.text()
                     counters += [
-                        f"{url} {line}" for line in text.splitlines() if line.startswith("chat_gateway_gap")
+                        f"{url} {line}"
+                        for line in text.splitlines()
+                        if line.startswith("chat_gateway_gap")
                     ]
                 except aiohttp.ClientError:
                     counters.append(f"{url} unreachable")

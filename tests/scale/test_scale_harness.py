@@ -12,8 +12,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("hdrh", reason="hdrhistogram is needed by the scale harness")
-
 from tests.scale.common import (
     encode_hist,
     make_text,
