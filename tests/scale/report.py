@@ -500,12 +500,13 @@ def doc_table(report: dict[str, Any]) -> str:
         "| target | offered sends/s | acked/s | deliveries/s | reply p50 / p99 ms | "
         "delivery p50 / p99 / p99.9 / max ms | history p50 / p99 ms | server cores | "
         "server CPU-µs per delivery | server CPU-µs per socket-second | RSS KiB per socket "
-        "(server) | peak RSS MiB (server procs) | other cores | errors | verification |",
-        "|" + "---|" * 15,
+        "(server) | peak RSS MiB (server procs) | other cores | loadgen send_lag p99 ms | errors "
+        "| verification |",
+        "|" + "---|" * 16,
     ]
     for r in report["results"]:
         if r.get("setup_error"):
-            rows.append(f"| {r['target']} | setup failed | " + " | " * 13)
+            rows.append(f"| {r['target']} | setup failed | " + " | " * 14)
             continue
         for s in r["steps"]:
             lat, a, c = s["latency_ms"], s["achieved"], s["cpu"]
@@ -532,7 +533,7 @@ def doc_table(report: dict[str, Any]) -> str:
                 f"{_fmt(h['p50'])} / {_fmt(h['p99'])} | {c['server_cores']} | "
                 f"{_fmt(c['server_us_per_delivery'])} | {_fmt(c['server_us_per_socket_second'])} | "
                 f"{_fmt(_server_per_conn(s))} | "
-                f"{round(peak, 1)} | {c.get('other_cores')} | "
+                f"{round(peak, 1)} | {c.get('other_cores')} | {_fmt(lat['send_lag']['p99'])} | "
                 f"{sum(s['errors'].values())} | {verdict} |"
             )
     return "\n".join(rows)
