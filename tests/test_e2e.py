@@ -327,3 +327,43 @@ async def wait_balanced(stack: Stack, *urls: str, timeout: float = 20.0) -> list
             return owned
         assert asyncio.get_running_loop().time() < deadline, f"not balanced: {owned}"
         await asyncio.sleep(0.1)
+
+
+async def test_replies_keep_request_order_within_a_batch(
+    stack: Stack, seed: Seeder, one_node: str
+) -> None:
+    """Seed clients match replies by order: history reads (run concurrently by the
+    worker), worker-decided errors and sends sent back to back are answered in order."""
+    user, token = await seed.user()
+    chat = await seed.chat(user)
+    client = await stack.client(one_node, token)
+    frames = []
+    for n in range(30):
+        kind = n % 3
+        if kind == 0:
+            frames.append(
+                {
+                    "chat_id": chat,
+                    "token": token,
+                    "event_type": "get_history",
+                    "message": {"limit": 1},
+                }
+            )
+        elif kind == 1:
+            frames.append(
+                {"chat_id": chat, "token": "f" * 32, "event_type": "get_history", "message": None}
+            )
+        else:
+            frames.append(
+                {"chat_id": chat, "token": token, "event_type": "send_message",
+                 "message": {"type": "text", "text": f"m{n}"}}
+            )  # fmt: skip
+    for frame in frames:
+        await client.send_raw(json.dumps(frame))
+    replies = [await client.reply() for _ in frames]
+    expected = ["success", "token_validation_error", "success"] * 10
+    assert [r["type"] for r in replies] == expected
+    assert [r["event_type"] for r in replies] == [f["event_type"] for f in frames]
+    # Each history read sees exactly the sends before it.
+    for n in range(3, 30, 3):
+        assert replies[n]["messages"][-1]["text"] == f"m{n - 1}"

@@ -12,6 +12,7 @@ and its ``head`` reflect every message stored ahead of it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,7 @@ class Outcome:
     """What a processed batch publishes, in entry order."""
 
     replies: list[tuple[str, Reply]] = field(default_factory=list)  # (node, reply)
+    _reserved: set[int] = field(default_factory=set)
     pushes: list[Push] = field(default_factory=list)
     order: list[tuple[str, int]] = field(default_factory=list)  # ("r"|"p", index)
     stored: int = 0
@@ -55,6 +57,24 @@ class Outcome:
     def reply(self, node: str, reply: Reply) -> None:
         self.order.append(("r", len(self.replies)))
         self.replies.append((node, reply))
+
+    def reserve(self) -> int:
+        """Keep the next reply's place in order; :meth:`fill` it later."""
+        index = len(self.replies)
+        self.order.append(("r", index))
+        self.replies.append(("", Reply(0, 0, b"")))
+        self._reserved.add(index)
+        return index
+
+    def fill(self, index: int, node: str, reply: Reply) -> None:
+        """Put the reply of a reserved place."""
+        self.replies[index] = (node, reply)
+        self._reserved.discard(index)
+
+    @property
+    def complete(self) -> bool:
+        """True when every reserved place has its reply."""
+        return not self._reserved
 
     def push(self, push: Push) -> None:
         self.order.append(("p", len(self.pushes)))
@@ -128,6 +148,10 @@ class Processor:
         members = await self._timed("auth", self.auth.members_of({i.entry.chat_id for i in items}))
         now = self.clock()
         segment: list[tuple[Item, Identity]] = []
+        # Consecutive history reads see the same data: they run concurrently, each in
+        # its place in the reply order. Sends before them are stored first, sends after
+        # them wait until they are done (a page never shows a later message).
+        reads: list[tuple[int, Item, Identity]] = []
         for item in items:
             entry = item.entry
             identity = identities.get(entry.token_digest) if entry.token_digest else None
@@ -142,15 +166,28 @@ class Processor:
                 self._error(outcome, item, protocol.CHAT_NOT_EXISTS, protocol.DETAIL_NO_CHAT)
                 continue
             if entry.event_type in protocol.SEND_EVENTS:
+                if reads:
+                    await self._read_histories(outcome, reads)
+                    reads = []
                 segment.append((item, identity))
                 continue
             if segment:
                 await self._store_segment(outcome, segment, suspect)
                 segment = []
-            await self._history(outcome, item, identity)
+            reads.append((outcome.reserve(), item, identity))
         if segment:
             await self._store_segment(outcome, segment, suspect)
+        if reads:
+            await self._read_histories(outcome, reads)
+        assert outcome.complete
         return outcome
+
+    async def _read_histories(
+        self, outcome: Outcome, reads: list[tuple[int, Item, Identity]]
+    ) -> None:
+        replies = await asyncio.gather(*(self._history(item, who) for _, item, who in reads))
+        for (index, item, _), reply in zip(reads, replies, strict=True):
+            outcome.fill(index, item.entry.node, reply)
 
     # -- replies -----------------------------------------------------------------
 
@@ -160,7 +197,7 @@ class Processor:
         outcome.reply(entry.node, Reply(entry.conn, entry.req, frame, revoke=entry.chat_id))
         self.metrics.events.labels(entry.event_type, reply_type).inc()
 
-    async def _history(self, outcome: Outcome, item: Item, identity: Identity) -> None:
+    async def _history(self, item: Item, identity: Identity) -> Reply:
         entry = item.entry
         query = entry.message or {}
         await self._timed("last_seq", self.counters.load({entry.chat_id}))
@@ -180,8 +217,8 @@ class Processor:
             protocol.SUCCESS, entry.event_type, messages, None, entry.request_id
         )
         grant = Grant(entry.chat_id, user, head)
-        outcome.reply(entry.node, Reply(entry.conn, entry.req, frame, grant=grant))
         self.metrics.events.labels(entry.event_type, protocol.SUCCESS).inc()
+        return Reply(entry.conn, entry.req, frame, grant=grant)
 
     # -- sends -------------------------------------------------------------------
 
