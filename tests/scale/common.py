@@ -67,6 +67,20 @@ def raise_nofile() -> tuple[int, int]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1_048_576
+    if os.geteuid() == 0:
+        # root may raise the hard limit too (up to fs.nr_open) when it holds
+        # CAP_SYS_RESOURCE; containers often withhold it, then the hard limit stands.
+        try:
+            with open("/proc/sys/fs/nr_open") as fh:
+                ceiling = min(int(fh.read()), 1_048_576)
+        except (OSError, ValueError):
+            ceiling = 1_048_576
+        if ceiling > hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
+                return resource.getrlimit(resource.RLIMIT_NOFILE)
+            except (ValueError, OSError):
+                pass
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

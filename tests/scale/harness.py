@@ -464,6 +464,39 @@ def cpu_by_kind(
     return {k: round(v, 3) for k, v in out.items()}
 
 
+FD_RESERVE = 256  # descriptors a process needs besides its sockets
+PORTS_PER_SOURCE = 25_000  # below the default ephemeral range (32768-60999)
+
+
+def fd_limit() -> int:
+    import resource
+
+    return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+def source_addresses(args: argparse.Namespace, sockets: int, endpoints: int) -> list[str]:
+    """Loopback source addresses for the clients: one per ~25k sockets to one server port."""
+    n = args.source_addrs
+    if n <= 0:
+        per_endpoint = -(-sockets // max(1, endpoints))
+        n = -(-per_endpoint // PORTS_PER_SOURCE)
+    if n <= 1:
+        return []
+    return [f"127.0.0.{i}" for i in range(1, min(n, 254) + 1)]
+
+
+def check_server_fds(name: str, sockets: int, endpoints: int) -> None:
+    """Fail early when a server process would need more descriptors than it may open."""
+    per_process = -(-sockets // max(1, endpoints))
+    limit = fd_limit()
+    if per_process > limit - FD_RESERVE:
+        raise SetupFailed(
+            f"{name}: {per_process} sockets per server process, but RLIMIT_NOFILE is {limit} "
+            f"(the hard limit here; raising it needs CAP_SYS_RESOURCE): use more server "
+            f"processes (--gateways) or fewer sockets (at most ~{limit - FD_RESERVE} per process)"
+        )
+
+
 def other_cpu_cores(target: Target, seconds: float) -> float:
     """Cores used over ``seconds`` by processes that are not part of this run."""
     mine0, busy0, self0 = target.sup.sample(), machine_busy_seconds(), _self_cpu()
@@ -503,6 +536,18 @@ def run_step(
     step_dir.mkdir(parents=True, exist_ok=True)
     cpus = [int(c) for c in args.loadgen_cpus.split(",") if c.strip()] if args.loadgen_cpus else []
     n_procs = len(cpus) if cpus else max(1, args.loadgen_procs)
+    # Each load generator process holds its sockets' descriptors: stay under the limit.
+    per_proc_max = max(100, fd_limit() - FD_RESERVE)
+    needed = -(-len(scenario.clients) // per_proc_max)
+    if needed > n_procs:
+        if cpus:
+            raise SetupFailed(
+                f"{len(scenario.clients)} sockets need {needed} load generator processes "
+                f"(RLIMIT_NOFILE {fd_limit()}); give --loadgen-cpus {needed} cores"
+            )
+        say(f"{len(scenario.clients)} sockets: using {needed} load generator processes (fd limit)")
+        n_procs = needed
+    source_addrs = source_addresses(args, len(scenario.clients), len(target.urls))
     duration = float(args.duration)
     setup_timeout = args.setup_timeout + len(scenario.clients) / 50.0
     wait_for_quiet_machine(target, args.quiet_wait, args.quiet_cores)
@@ -537,6 +582,7 @@ def run_step(
             "join": True,
             "join_timeout": 30,
             "connect_concurrency": args.connect_concurrency,
+            "source_addrs": source_addrs,
             "out": str(out),
             "max_seconds": setup_timeout + duration + args.drain + 60,
         }
@@ -865,6 +911,7 @@ def run_target(
     }
     try:
         say(f"{name}: starting ({scenario.description})")
+        check_server_fds(name, len(scenario.clients), endpoints)
         t0 = time.monotonic()
         target.start(scenario)
         out["start_s"] = round(time.monotonic() - t0, 1)
@@ -1031,6 +1078,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--channels-layer", choices=("core", "pubsub"), default="core")
     p.add_argument("--connect-concurrency", type=int, default=64)
+    p.add_argument(
+        "--source-addrs",
+        type=int,
+        default=0,
+        help="loopback source addresses (127.0.0.1..N) the clients connect from; 0: one per "
+        "25,000 sockets per server port",
+    )
     p.add_argument("--setup-timeout", type=float, default=60.0)
     p.add_argument("--ready-timeout", type=float, default=60.0)
     p.add_argument(

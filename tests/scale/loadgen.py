@@ -241,7 +241,9 @@ class LoadGen:
         self.measuring = False
         self.stopping = False
         self.adapter: Any = None
+        self.adapters: list[Any] = []
         self.session: aiohttp.ClientSession | None = None
+        self.sessions: list[aiohttp.ClientSession] = []
         self.readers: list[asyncio.Task[None]] = []
 
     # ---- frames in
@@ -449,12 +451,19 @@ class LoadGen:
         limit = asyncio.Semaphore(int(plan.get("connect_concurrency", 64)))
         join_timeout = float(plan.get("join_timeout", 30))
 
+        per_url: Counter[str] = Counter()
+        adapter_of: dict[int, Any] = {}
+        for client in self.clients:
+            adapter_of[client.gid] = self.adapters[per_url[client.url] % len(self.adapters)]
+            per_url[client.url] += 1
+
         async def one(client: Client) -> None:
+            adapter = adapter_of[client.gid]
             async with limit:
                 for attempt in range(3):
                     try:
-                        ws = await self.adapter.connect(client.url)
-                        await self.adapter.handshake(ws)
+                        ws = await adapter.connect(client.url)
+                        await adapter.handshake(ws)
                         client.ws = ws
                         break
                     except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as exc:
@@ -501,9 +510,19 @@ class LoadGen:
 
     async def run(self) -> None:
         plan = self.plan
-        connector = aiohttp.TCPConnector(limit=0, force_close=False)
-        self.session = aiohttp.ClientSession(connector=connector)
-        self.adapter = ADAPTERS[plan["adapter"]](self.session)
+        # One session per loopback source address: one address gives at most ~28k
+        # sockets to one server port (the ephemeral port range), several give more.
+        self.sessions = [
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=0, force_close=False, local_addr=(addr, 0) if addr else None
+                )
+            )
+            for addr in plan.get("source_addrs") or [""]
+        ]
+        self.session = self.sessions[0]
+        self.adapters = [ADAPTERS[plan["adapter"]](session) for session in self.sessions]
+        self.adapter = self.adapters[0]
         try:
             t0 = time.monotonic()
             rss_start = _rss_kb()
@@ -560,7 +579,8 @@ class LoadGen:
                         await asyncio.wait_for(client.ws.close(), 1.0)
             for task in self.readers:
                 task.cancel()
-            await self.session.close()
+            for session in self.sessions:
+                await session.close()
 
     def write_results(self, cpu0: os.times_result, cpu1: os.times_result) -> None:
         stats = self.stats
