@@ -15,12 +15,10 @@ from pathlib import Path
 
 from aiohttp import WebSocketError, WSMsgType, web
 from aiohttp.typedefs import Handler
-from redis.asyncio import Redis
 
 from shared import protocol
 from shared.config import ConfigError, Settings
 from shared.metrics import CONTENT_TYPE, GatewayMetrics, prime_gateway, render
-from shared.redis_client import create_redis
 
 from .connection import TRANSPORT_HIGH_WATER, Connection
 from .drain import Drain
@@ -35,7 +33,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", GatewayMetrics)
-REDIS = web.AppKey("redis", Redis)
 HUB = web.AppKey("hub", Hub)
 BACKGROUND = web.AppKey("background", list[asyncio.Task[None]])
 DRAIN = web.AppKey("drain", Drain)
@@ -65,7 +62,6 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = GatewayMetrics()
     prime_gateway(app[METRICS])
     app[DRAIN] = Drain(settings, app[METRICS])
-    app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_hub_ctx)
     app.router.add_get("/", root)
     app.router.add_get("/ws", websocket)
@@ -89,13 +85,6 @@ async def _refuse_upgrades_while_draining(
             text="draining: connect to another gateway", headers={"Retry-After": "1"}
         )
     return await handler(request)
-
-
-async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    app[REDIS] = create_redis(settings.redis_url, name=f"gateway:{settings.node_id}")
-    yield
-    await app[REDIS].aclose()
 
 
 async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:

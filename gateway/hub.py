@@ -117,14 +117,8 @@ class Hub:
         conn.closed = True
         if self.connections.pop(conn.conn_id, None) is None:
             return
-        for chat_id in conn.chats:
-            members = self.chats.get(chat_id)
-            if members is not None:
-                members.pop(conn.conn_id, None)
-                if not members:
-                    del self.chats[chat_id]
-            self.subscriber.release(self.keys.chat_channel(chat_id))
-        conn.chats.clear()
+        for chat_id in list(conn.chats):
+            self._leave(conn, chat_id)
 
     # -- requests ----------------------------------------------------------------
 
@@ -242,7 +236,7 @@ class Hub:
             if reply.grant is not None:
                 send_now = self._authorise(conn, reply.grant, pending, reply.frame)
             elif reply.revoke is not None:
-                self._revoke(conn, reply.revoke)
+                self._leave(conn, reply.revoke)
             self._observe(pending)
             reply_type = _reply_type(reply.frame)
             self._replies[reply_type].inc()
@@ -326,7 +320,8 @@ class Hub:
             return False
         return True
 
-    def _revoke(self, conn: Connection, chat_id: str) -> None:
+    def _leave(self, conn: Connection, chat_id: str) -> None:
+        """The socket no longer sees the chat: forget it and drop its channel reference."""
         if conn.chats.pop(chat_id, None) is None:
             return
         members = self.chats.get(chat_id)

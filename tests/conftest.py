@@ -32,16 +32,15 @@ hypothesis_settings.load_profile("chat")
 
 @dataclass
 class Servers:
-    """The session's servers."""
+    """A Redis and a mongod started for tests."""
 
     redis: LocalServer
     mongo: LocalServer
 
 
-@pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    """Redis (AOF on) and mongod, started once, stopped at the end of the session."""
-    base = tmp_path_factory.mktemp("servers")
+@contextlib.contextmanager
+def local_servers(base: Path) -> Iterator[Servers]:
+    """Redis (AOF on) and mongod on free loopback ports under ``base``; stopped on exit."""
     redis = redis_server(free_port(), base / "redis").start()
     try:
         mongo = mongo_server(free_port(), base / "mongo").start(timeout=60)
@@ -53,6 +52,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     finally:
         redis.stop()
         mongo.stop()
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    """The session's servers, started once."""
+    with local_servers(tmp_path_factory.mktemp("servers")) as started:
+        yield started
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from deploy.local.servers import LocalServer, free_port, mongo_server, redis_server
 from shared.config import Settings
+from tests.conftest import Servers, local_servers
 from tests.support import Seeder, Stack, mongo_store
 from tests.traffic import TrafficClient, verify, wait_delivered
 
@@ -35,28 +35,16 @@ BEFORE_FAULT = 2.0
 AFTER_FAULT = 5.0
 
 
-@dataclass
-class FaultServers:
-    redis: LocalServer
-    mongo: LocalServer
-
-
 @pytest.fixture(scope="module")
-def fault_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultServers]:
+def fault_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     """Redis and MongoDB of this module only: the scenarios stop and restart them."""
-    base = tmp_path_factory.mktemp("fault-servers")
-    redis = redis_server(free_port(), base / "redis").start()
-    mongo = mongo_server(free_port(), base / "mongo").start(timeout=60)
-    try:
-        yield FaultServers(redis, mongo)
-    finally:
-        redis.stop()
-        mongo.stop()
+    with local_servers(tmp_path_factory.mktemp("fault-servers")) as started:
+        yield started
 
 
 @pytest.fixture
 async def cluster(
-    fault_servers: FaultServers, settings: Settings, log_dir: Path
+    fault_servers: Servers, settings: Settings, log_dir: Path
 ) -> AsyncIterator[Cluster]:
     tag = uuid.uuid4().hex[:8]
     fault_settings = replace(
@@ -87,7 +75,7 @@ async def cluster(
 class Cluster:
     stack: Stack
     seed: Seeder
-    servers: FaultServers
+    servers: Servers
     log_dir: Path
 
     def __post_init__(self) -> None:
