@@ -583,6 +583,7 @@ def run_step(
             "join_timeout": 30,
             "connect_concurrency": args.connect_concurrency,
             "source_addrs": source_addrs,
+            "join_concurrency": args.join_concurrency,
             "out": str(out),
             "max_seconds": setup_timeout + duration + args.drain + 60,
         }
@@ -1078,6 +1079,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--channels-layer", choices=("core", "pubsub"), default="core")
     p.add_argument("--connect-concurrency", type=int, default=64)
+    p.add_argument(
+        "--join-concurrency",
+        type=int,
+        default=128,
+        help="get_history joins in flight per load generator during setup",
+    )
     p.add_argument(
         "--source-addrs",
         type=int,

@@ -264,7 +264,8 @@ class LoadGen:
                 if ok:
                     record(stats.hist["join_reply"], (now - sched) // 1000)
                 else:
-                    stats.errors["join_" + str(frame.get("type"))] += 1
+                    # Setup phase, not the measured window: counted apart from errors.
+                    stats.counts["setup_join_" + str(frame.get("type"))] += 1
                 if fut is not None and not fut.done():
                     fut.set_result(ok)
                 return
@@ -368,20 +369,29 @@ class LoadGen:
             return False
         return True
 
-    async def join(self, client: Client, timeout: float) -> bool:
+    async def join(self, client: Client, timeout: float, attempts: int = 4) -> bool:
+        """``get_history`` on each chat until it succeeds (a few tries, with backoff)."""
         for chat in client.chats:
-            rid = client.rid()
-            fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-            client.joined[chat] = fut
-            client.pending[str(rid)] = (time.monotonic_ns(), "join", chat, 0)
-            frame = self.frame(client, "join", chat, rid)
-            if not await self.write(client, frame, rid):
-                return False
-            try:
-                if not await asyncio.wait_for(fut, timeout):
+            for attempt in range(attempts):
+                if attempt:
+                    self.stats.counts["join_retries"] += 1
+                    await asyncio.sleep(0.5 * attempt + random.random())
+                rid = client.rid()
+                fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+                client.joined[chat] = fut
+                client.pending[str(rid)] = (time.monotonic_ns(), "join", chat, 0)
+                frame = self.frame(client, "join", chat, rid)
+                if not await self.write(client, frame, rid):
                     return False
-            except TimeoutError:
-                self.stats.errors["join_timeout"] += 1
+                try:
+                    if await asyncio.wait_for(fut, timeout):
+                        break
+                except TimeoutError:
+                    client.pending.pop(str(rid), None)
+                    self.stats.counts["setup_join_timeout"] += 1
+                if client.ws is None or client.ws.closed:
+                    return False
+            else:
                 return False
         return True
 
@@ -450,6 +460,9 @@ class LoadGen:
         plan = self.plan
         limit = asyncio.Semaphore(int(plan.get("connect_concurrency", 64)))
         join_timeout = float(plan.get("join_timeout", 30))
+        # Joins in flight at once: a connect storm of get_history would otherwise outrun
+        # the server's request timeout (that is a separate experiment).
+        joins = asyncio.Semaphore(int(plan.get("join_concurrency", 128)))
 
         per_url: Counter[str] = Counter()
         adapter_of: dict[int, Any] = {}
@@ -480,7 +493,9 @@ class LoadGen:
                     return
                 self.readers.append(asyncio.create_task(self.reader(client)))
             if client.chats and plan.get("join", True):
-                if await self.join(client, join_timeout):
+                async with joins:
+                    ok = await self.join(client, join_timeout)
+                if ok:
                     self.stats.counts["joined"] += 1
                 else:
                     self.stats.counts["join_failed"] += 1
