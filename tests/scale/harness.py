@@ -1151,7 +1151,9 @@ def main(argv: list[str] | None = None) -> int:
     report_dir = Path(args.out) / f"{stamp}-{args.workload}"
     report_dir.mkdir(parents=True, exist_ok=True)
     run_dir = report_dir  # logs and plans live next to the report
-    command = "python -m tests.scale.harness " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = (
+        "python -m tests.scale.harness " + shlex.join(sys.argv[1:] if argv is None else argv)
+    ).rstrip()
 
     def on_term(signum: int, frame: Any) -> None:
         raise Interrupted()
