@@ -447,6 +447,8 @@ class Target:
         self.sup.close()
         if not self.args.keep_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.data_dir.parent.rmdir()  # the run's folder, once its last target is gone
 
 
 # --------------------------------------------------------------------------- one step
