@@ -9,7 +9,14 @@ import resource
 import signal
 from typing import Any
 
-from hdrh.histogram import HdrHistogram
+try:
+    from hdrh.histogram import HdrHistogram
+except ImportError as exc:  # pragma: no cover - a missing dev dependency
+    raise SystemExit(
+        "the scale harness needs the hdrhistogram package: .venv/bin/pip install "
+        "hdrhistogram==0.10.8 (the peers also need python-socketio, channels, channels-redis "
+        "and uvicorn; charts need matplotlib)"
+    ) from exc
 
 # Histograms hold microseconds from 1 us to 10 minutes at 3 significant digits.
 HIST_MIN_US = 1
