@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import WebSocketError, WSMsgType, web
@@ -38,6 +39,8 @@ BACKGROUND = web.AppKey("background", list[asyncio.Task[None]])
 DRAIN = web.AppKey("drain", Drain)
 GUARD = web.AppKey("guard", Guard)
 LIMITS = web.AppKey("limits", protocol.Limits)
+ON_SLOW = web.AppKey[Callable[[Connection], None]]("on_slow")
+RATE_LIMITED_DETAIL = web.AppKey("rate_limited_detail", str)
 
 BINARY_ERROR = protocol.ProtocolError(
     protocol.BAD_REQUEST, "Binary frames are not supported: send JSON in text frames"
@@ -59,7 +62,14 @@ def create_app(settings: Settings) -> web.Application:
     except ValueError as exc:
         raise ConfigError(f"FILE_URL_PREFIXES: {exc}") from None
     app[LIMITS] = protocol.Limits(settings.max_text_length, prefixes)
+    app[RATE_LIMITED_DETAIL] = (
+        f"Too many requests: at most {settings.rate_limit_per_second:g} per second "
+        f"(bursts of {settings.rate_limit_burst}); slow down and retry"
+    )
     app[METRICS] = GatewayMetrics()
+    # One slow-consumer handler per app, not a closure per socket.
+    on_slow: Callable[[Connection], None] = functools.partial(_slow_consumer, metrics=app[METRICS])
+    app[ON_SLOW] = on_slow
     prime_gateway(app[METRICS])
     app[DRAIN] = Drain(settings, app[METRICS])
     app.cleanup_ctx.append(_hub_ctx)
@@ -199,15 +209,12 @@ async def _serve(request: web.Request, client: str) -> web.StreamResponse:
         client,
         max_messages=settings.send_queue_max_messages,
         max_bytes=settings.send_queue_max_bytes,
-        on_slow=lambda c: _slow_consumer(c, metrics),
+        on_slow=app[ON_SLOW],
     )
     hub.add(conn)
     metrics.connections_opened.inc()
     limiter = app[GUARD].limiter(time.monotonic())
-    limited_detail = (
-        f"Too many requests: at most {settings.rate_limit_per_second:g} per second "
-        f"(bursts of {settings.rate_limit_burst}); slow down and retry"
-    )
+    limited_detail = app[RATE_LIMITED_DETAIL]
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
