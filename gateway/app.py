@@ -119,6 +119,7 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
             lambda: metrics.redis_reconnects.labels("gateway_pubsub").inc(),
             backoff_cap=settings.retry_backoff_max,
             name=f"gateway-pubsub:{settings.node_id}",
+            writes=hub.writes,
         )
 
     hub = Hub(settings, producer, metrics, subscriber_for)
@@ -210,6 +211,7 @@ async def _serve(request: web.Request, client: str) -> web.StreamResponse:
         max_messages=settings.send_queue_max_messages,
         max_bytes=settings.send_queue_max_bytes,
         on_slow=app[ON_SLOW],
+        batch=hub.writes,
     )
     hub.add(conn)
     metrics.connections_opened.inc()

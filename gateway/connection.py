@@ -4,6 +4,11 @@ Frames are written straight to the transport while it keeps up (the common case:
 task, no copy). When the transport pushes back, frames wait in a per-socket queue
 bounded in messages and bytes, drained by a writer task; a socket that lets the queue
 fill up is closed as a slow consumer instead of growing memory.
+
+While a :class:`WriteBatch` is open (one burst of pub/sub messages being dispatched),
+the frames for each socket are gathered and written with one ``write`` per socket when
+the burst ends: a socket in a busy room then costs one system call (and one wake-up of
+its client) per burst instead of one per message.
 """
 
 from __future__ import annotations
@@ -58,10 +63,59 @@ class ChatState:
         self.held[seq] = frame
 
 
+class WriteBatch:
+    """Gathers frames per socket while open; :meth:`flush` writes each socket's at once.
+
+    Opened and flushed synchronously around one burst of pub/sub messages, so nothing
+    else writes to a socket in between and frame order is kept. What it holds is bounded
+    by the burst: at most one read of the pub/sub socket's worth of messages.
+    """
+
+    __slots__ = ("_dirty", "is_open")
+
+    def __init__(self) -> None:
+        self.is_open = False
+        self._dirty: list[Connection] = []
+
+    def open(self) -> None:
+        """Start gathering."""
+        self.is_open = True
+
+    def add(self, conn: Connection, data: bytes) -> None:
+        """Keep ``data`` (a whole frame) for ``conn`` until :meth:`flush`."""
+        gathered = conn._gathered
+        if gathered is None:
+            conn._gathered = [data]
+            conn._gathered_bytes = len(data)
+            self._dirty.append(conn)
+        else:
+            gathered.append(data)
+            conn._gathered_bytes += len(data)
+
+    def flush(self) -> None:
+        """Write what was gathered, one write per socket, and stop gathering."""
+        self.is_open = False
+        dirty = self._dirty
+        if not dirty:
+            return
+        self._dirty = []
+        for conn in dirty:
+            gathered = conn._gathered
+            conn._gathered = None
+            conn._gathered_bytes = 0
+            transport = conn.transport
+            if gathered is None or conn.closed or transport is None or transport.is_closing():
+                continue
+            transport.write(gathered[0] if len(gathered) == 1 else b"".join(gathered))
+
+
 class Connection:
     """A WebSocket and its state on this node."""
 
     __slots__ = (
+        "_batch",
+        "_gathered",
+        "_gathered_bytes",
         "_limits",
         "_queue",
         "_queued_bytes",
@@ -87,6 +141,7 @@ class Connection:
         max_messages: int,
         max_bytes: int,
         on_slow: Callable[[Connection], None],
+        batch: WriteBatch | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.ws = ws
@@ -103,6 +158,9 @@ class Connection:
         self._queued_bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._limits = (max_messages, max_bytes)
+        self._batch = batch
+        self._gathered: list[bytes] | None = None
+        self._gathered_bytes = 0
 
     def send(self, payload: bytes, wire: bytes | None = None) -> bool:
         """Queue one text frame; ``wire`` is ``text_frame(payload)`` when the caller has it.
@@ -117,9 +175,14 @@ class Connection:
         if (
             self.raw_ok
             and self._queue is None
-            and transport.get_write_buffer_size() < TRANSPORT_HIGH_WATER
+            and transport.get_write_buffer_size() + self._gathered_bytes < TRANSPORT_HIGH_WATER
         ):
-            transport.write(wire if wire is not None else text_frame(payload))
+            data = wire if wire is not None else text_frame(payload)
+            batch = self._batch
+            if batch is not None and batch.is_open:
+                batch.add(self, data)
+            else:
+                transport.write(data)
             return True
         return self._enqueue(payload)
 

@@ -35,7 +35,7 @@ from shared.config import Settings
 from shared.keys import Keys, partition_of
 from shared.metrics import GatewayMetrics
 
-from .connection import ChatState, Connection, text_frame
+from .connection import ChatState, Connection, WriteBatch, text_frame
 from .producer import StreamProducer
 from .subscriber import Subscriber
 
@@ -91,6 +91,8 @@ class Hub:
         self._ids = itertools.count(1)
         self._req_ids = itertools.count(1)
         self._fills: dict[str, Fill] = {}
+        # Socket writes made while a burst of pub/sub messages is handled go out together.
+        self.writes = WriteBatch()
         self.subscriber = subscriber_factory(self)
         # Label look-ups cost a lock and a dict per call: resolve them once.
         self._replies = {t: metrics.replies.labels(t) for t in (*protocol.REPLY_TYPES, "unknown")}

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from shared.backoff import Backoff
 from shared.resp import RespConnection, RespError
 
+from .connection import WriteBatch
+
 log = logging.getLogger(__name__)
 
 UNSUBSCRIBE_LINGER = 2.0
@@ -43,8 +45,10 @@ class Subscriber:
         on_reconnect: Callable[[], None],
         backoff_cap: float = 2.0,
         name: str = "",
+        writes: WriteBatch | None = None,
     ) -> None:
         self._url = redis_url
+        self._writes = writes or WriteBatch()
         self._name = name
         self._node_channel = node_channel
         self._on_message = on_message
@@ -171,25 +175,34 @@ class Subscriber:
 
     async def _read(self, conn: RespConnection) -> None:
         on_message = self._on_message
+        writes = self._writes
         while True:
-            message = await conn.read()
+            burst = await conn.read_burst()
             self._last_rx = time.monotonic()
-            kind = message[0]
-            if kind == b"message":
-                on_message(message[1].decode(), message[2])
-            elif kind == b"subscribe":
-                self._confirm(message[1].decode())
-            elif kind == b"unsubscribe":
-                channel = message[1].decode()
-                pending = self._unsub_pending.get(channel, 0)
-                if pending > 1:
-                    self._unsub_pending[channel] = pending - 1
-                else:
-                    self._unsub_pending.pop(channel, None)
-                    self._confirmed.discard(channel)
-                    # Wanted again while the unsubscribe was in flight: subscribe anew.
-                    if channel in self._refs:
-                        self._send("SUBSCRIBE", channel)
+            # Socket writes of the whole burst go out together when it has been handled.
+            writes.open()
+            try:
+                for message in burst:
+                    kind = message[0]
+                    if kind == b"message":
+                        on_message(message[1].decode(), message[2])
+                    elif kind == b"subscribe":
+                        self._confirm(message[1].decode())
+                    elif kind == b"unsubscribe":
+                        self._unsubscribed(message[1].decode())
+            finally:
+                writes.flush()
+
+    def _unsubscribed(self, channel: str) -> None:
+        pending = self._unsub_pending.get(channel, 0)
+        if pending > 1:
+            self._unsub_pending[channel] = pending - 1
+        else:
+            self._unsub_pending.pop(channel, None)
+            self._confirmed.discard(channel)
+            # Wanted again while the unsubscribe was in flight: subscribe anew.
+            if channel in self._refs:
+                self._send("SUBSCRIBE", channel)
 
     def _confirm(self, channel: str) -> None:
         if self._unsub_pending.get(channel):

@@ -123,6 +123,18 @@ class RespConnection:
                 raise ConnectionError("Redis closed the connection")
             self._parser.feed(chunk)
 
+    async def read_burst(self) -> list[Any]:
+        """The next reply and every other one already received with it.
+
+        A burst is at most what one read of the socket brought (``READ_CHUNK`` bytes),
+        so a caller handling it in one go holds a bounded amount.
+        """
+        burst = [await self.read()]
+        gets = self._parser.gets
+        while (reply := gets()) is not False:
+            burst.append(reply)
+        return burst
+
     def close(self) -> None:
         """Close the socket (idempotent)."""
         if not self.closed:

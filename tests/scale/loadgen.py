@@ -32,9 +32,9 @@ import time
 from collections import Counter
 from typing import Any
 
-import aiohttp
 import orjson
 
+from tests.scale import wsclient
 from tests.scale.common import (
     encode_hist,
     make_text,
@@ -44,9 +44,7 @@ from tests.scale.common import (
     raise_nofile,
     record,
 )
-
-# Strong references to fire-and-forget tasks (engine.io pongs).
-_BACKGROUND: set[asyncio.Future[None]] = set()
+from tests.scale.wsclient import WsClient
 
 HIST_NAMES = ("send_reply", "delivery", "history_reply", "join_reply", "send_lag")
 
@@ -80,25 +78,19 @@ class OursAdapter:
 
     name = "ours"
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
+    def __init__(self, local_addr: str = "") -> None:
+        self.local_addr = local_addr
 
-    async def connect(self, url: str) -> aiohttp.ClientWebSocketResponse:
-        return await self.session.ws_connect(
-            url, autoping=True, max_msg_size=16 * 1024 * 1024, compress=0
-        )
+    async def connect(self, url: str) -> WsClient:
+        return await wsclient.connect(url, local_addr=self.local_addr)
 
-    async def handshake(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def handshake(self, ws: WsClient) -> None:
         return None
 
-    async def send(
-        self, ws: aiohttp.ClientWebSocketResponse, frame: dict[str, Any], rid: int
-    ) -> None:
-        await ws.send_str(orjson.dumps(frame).decode())
+    async def send(self, ws: WsClient, frame: dict[str, Any], rid: int) -> None:
+        ws.send_text(orjson.dumps(frame))
 
-    def decode(
-        self, ws: aiohttp.ClientWebSocketResponse, data: str | bytes
-    ) -> list[dict[str, Any]]:
+    def decode(self, ws: WsClient, data: bytes) -> list[dict[str, Any]]:
         frame = orjson.loads(data)
         return [frame] if isinstance(frame, dict) else []
 
@@ -113,64 +105,51 @@ class SocketIOAdapter:
 
     name = "socketio"
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
+    def __init__(self, local_addr: str = "") -> None:
+        self.local_addr = local_addr
 
-    async def connect(self, url: str) -> aiohttp.ClientWebSocketResponse:
+    async def connect(self, url: str) -> WsClient:
         base = url.rstrip("/")
         if base.endswith("/ws"):
             base = base[: -len("/ws")]
-        return await self.session.ws_connect(
-            base + "/socket.io/?EIO=4&transport=websocket",
-            autoping=True,
-            max_msg_size=16 * 1024 * 1024,
-            compress=0,
+        return await wsclient.connect(
+            base + "/socket.io/?EIO=4&transport=websocket", local_addr=self.local_addr
         )
 
-    async def handshake(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def handshake(self, ws: WsClient) -> None:
         first = await ws.receive(timeout=15)
-        if first.type != aiohttp.WSMsgType.TEXT or not first.data.startswith("0"):
-            raise ConnectionError(f"engine.io: expected open packet, got {first.data!r:.80}")
-        await ws.send_str("40")
+        if not first.startswith(b"0"):
+            raise ConnectionError(f"engine.io: expected open packet, got {first!r:.80}")
+        ws.send_text(b"40")
         while True:
-            msg = await ws.receive(timeout=15)
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                raise ConnectionError(f"socket.io: connection closed during connect ({msg.type})")
-            if msg.data == "2":
-                await ws.send_str("3")
+            data = await ws.receive(timeout=15)
+            if data == b"2":
+                ws.send_text(b"3")
                 continue
-            if msg.data.startswith("40"):
+            if data.startswith(b"40"):
                 return
-            if msg.data.startswith("44"):
-                raise ConnectionError(f"socket.io: connect refused {msg.data[:120]}")
+            if data.startswith(b"44"):
+                raise ConnectionError(f"socket.io: connect refused {data[:120]!r}")
 
-    async def send(
-        self, ws: aiohttp.ClientWebSocketResponse, frame: dict[str, Any], rid: int
-    ) -> None:
-        payload = orjson.dumps([frame["event_type"], frame]).decode()
-        await ws.send_str(f"42{rid}{payload}")
+    async def send(self, ws: WsClient, frame: dict[str, Any], rid: int) -> None:
+        payload = orjson.dumps([frame["event_type"], frame])
+        ws.send_text(b"42" + str(rid).encode() + payload)
 
-    def decode(
-        self, ws: aiohttp.ClientWebSocketResponse, data: str | bytes
-    ) -> list[dict[str, Any]]:
-        if isinstance(data, bytes):
-            data = data.decode()
-        if data == "2":  # engine.io ping: answer without blocking the reader
-            task = asyncio.ensure_future(ws.send_str("3"))
-            _BACKGROUND.add(task)
-            task.add_done_callback(_BACKGROUND.discard)
+    def decode(self, ws: WsClient, data: bytes) -> list[dict[str, Any]]:
+        if data == b"2":  # engine.io ping
+            ws.send_text(b"3")
             return []
-        if data.startswith("43"):
+        if data.startswith(b"43"):
             i = 2
-            while i < len(data) and data[i].isdigit():
+            while i < len(data) and 48 <= data[i] <= 57:
                 i += 1
             args = orjson.loads(data[i:])
             reply = args[0] if args else {}
             if isinstance(reply, dict):
-                reply["request_id"] = data[2:i]
+                reply["request_id"] = data[2:i].decode()
                 return [reply]
             return []
-        if data.startswith("42"):
+        if data.startswith(b"42"):
             args = orjson.loads(data[2:])
             if len(args) >= 2 and isinstance(args[1], dict):
                 return [args[1]]
@@ -213,7 +192,7 @@ class Client:
         self.chats: list[str] = spec["chats"]
         self.sends: list[list[Any]] = spec.get("sends", [])  # [chat, rate, phase_s]
         self.history: list[list[Any]] = spec.get("history", [])  # [chat, rate, phase_s, max_id]
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.ws: WsClient | None = None
         self.next_rid = 0
         # request id -> (scheduled ns, kind, chat, key)
         self.pending: dict[str, tuple[int, str, str, int]] = {}
@@ -242,9 +221,6 @@ class LoadGen:
         self.stopping = False
         self.adapter: Any = None
         self.adapters: list[Any] = []
-        self.session: aiohttp.ClientSession | None = None
-        self.sessions: list[aiohttp.ClientSession] = []
-        self.readers: list[asyncio.Task[None]] = []
 
     # ---- frames in
 
@@ -318,30 +294,33 @@ class LoadGen:
             ids.append(_int_id(m.get("id")) or -1)
             client.recv_keys[chat].append(msg_key(gid, k))
 
-    async def reader(self, client: Client) -> None:
-        ws = client.ws
-        assert ws is not None
+    def attach(self, client: Client, ws: WsClient) -> None:
+        """Hand every later message of ``ws`` to :meth:`on_frame` as it is parsed."""
         decode = self.adapter.decode
-        try:
-            async for msg in ws:
-                if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                    now = time.monotonic_ns()
-                    try:
-                        frames = decode(ws, msg.data)
-                    except (ValueError, IndexError):
-                        self.stats.counts["undecodable_frame"] += 1
-                        continue
-                    for frame in frames:
-                        self.on_frame(client, frame, now)
-                elif msg.type == aiohttp.WSMsgType.ERROR:
-                    break
-        except (TimeoutError, aiohttp.ClientError, ConnectionError):
-            pass
-        if not self.stopping:
-            self.stats.counts["disconnects"] += 1
-            for fut in client.joined.values():
-                if not fut.done():
-                    fut.set_result(False)
+        on_frame = self.on_frame
+        counts = self.stats.counts
+
+        def on_message(data: bytes) -> None:
+            now = time.monotonic_ns()
+            try:
+                frames = decode(ws, data)
+            except (ValueError, IndexError):
+                counts["undecodable_frame"] += 1
+                return
+            for frame in frames:
+                on_frame(client, frame, now)
+
+        def on_close() -> None:
+            if not self.stopping:
+                counts["disconnects"] += 1
+                for fut in client.joined.values():
+                    if not fut.done():
+                        fut.set_result(False)
+
+        ws.on_close = on_close
+        ws.listen(on_message)
+        if ws.closed:
+            on_close()
 
     # ---- frames out
 
@@ -364,7 +343,7 @@ class LoadGen:
             return False
         try:
             await self.adapter.send(ws, frame, rid)
-        except (aiohttp.ClientError, ConnectionError, RuntimeError):
+        except (ConnectionError, RuntimeError):
             self.stats.errors["send_failed"] += 1
             return False
         return True
@@ -479,10 +458,10 @@ class LoadGen:
                         await adapter.handshake(ws)
                         client.ws = ws
                         break
-                    except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as exc:
+                    except (TimeoutError, ConnectionError, OSError) as exc:
                         self.stats.counts["connect_retries"] += 1
                         reason = f"connect:{type(exc).__name__}"
-                        if isinstance(exc, aiohttp.WSServerHandshakeError):
+                        if isinstance(exc, wsclient.HandshakeError):
                             reason += f":{exc.status}"
                         if self.stats.errors[reason] == 0:
                             print(f"loadgen: {client.url}: {exc!r}", file=sys.stderr)
@@ -491,7 +470,7 @@ class LoadGen:
                 if client.ws is None:
                     self.stats.counts["connect_failed"] += 1
                     return
-                self.readers.append(asyncio.create_task(self.reader(client)))
+                self.attach(client, client.ws)
             if client.chats and plan.get("join", True):
                 async with joins:
                     ok = await self.join(client, join_timeout)
@@ -525,18 +504,11 @@ class LoadGen:
 
     async def run(self) -> None:
         plan = self.plan
-        # One session per loopback source address: one address gives at most ~28k
+        # One adapter per loopback source address: one address gives at most ~28k
         # sockets to one server port (the ephemeral port range), several give more.
-        self.sessions = [
-            aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=0, force_close=False, local_addr=(addr, 0) if addr else None
-                )
-            )
-            for addr in plan.get("source_addrs") or [""]
+        self.adapters = [
+            ADAPTERS[plan["adapter"]](addr) for addr in plan.get("source_addrs") or [""]
         ]
-        self.session = self.sessions[0]
-        self.adapters = [ADAPTERS[plan["adapter"]](session) for session in self.sessions]
         self.adapter = self.adapters[0]
         try:
             t0 = time.monotonic()
@@ -591,11 +563,7 @@ class LoadGen:
             for client in self.clients:
                 if client.ws is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(client.ws.close(), 1.0)
-            for task in self.readers:
-                task.cancel()
-            for session in self.sessions:
-                await session.close()
+                        await client.ws.close()
 
     def write_results(self, cpu0: os.times_result, cpu1: os.times_result) -> None:
         stats = self.stats

@@ -120,12 +120,12 @@ def test_verify_against_storage() -> None:
 def test_socketio_adapter_decodes_engineio_packets() -> None:
     from tests.scale.loadgen import SocketIOAdapter
 
-    adapter = SocketIOAdapter(session=None)  # type: ignore[arg-type]
-    reply = adapter.decode(None, '4312[{"type":"success","messages":[]}]')  # type: ignore[arg-type]
+    adapter = SocketIOAdapter()
+    reply = adapter.decode(None, b'4312[{"type":"success","messages":[]}]')  # type: ignore[arg-type]
     assert reply == [{"type": "success", "messages": [], "request_id": "12"}]
-    push = adapter.decode(None, '42["message",{"type":"success","messages":[{"id":null}]}]')  # type: ignore[arg-type]
+    push = adapter.decode(None, b'42["message",{"type":"success","messages":[{"id":null}]}]')  # type: ignore[arg-type]
     assert push == [{"type": "success", "messages": [{"id": None}]}]
-    assert adapter.decode(None, "40{}") == []  # type: ignore[arg-type]
+    assert adapter.decode(None, b"40{}") == []  # type: ignore[arg-type]
 
 
 def test_workloads_shape_and_rates() -> None:
