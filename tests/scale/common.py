@@ -7,6 +7,8 @@ import ctypes
 import os
 import resource
 import signal
+from array import array
+from collections import Counter
 from typing import Any
 
 try:
@@ -41,6 +43,40 @@ def record(hist: HdrHistogram, micros: int) -> None:
     elif micros > HIST_MAX_US:
         micros = HIST_MAX_US
     hist.record_value(micros)
+
+
+class LatencyLog:
+    """Raw latencies kept cheaply during a run and folded into a histogram after it.
+
+    HdrHistogram's ``record_value`` is pure Python (~1.5 us); at tens of thousands of
+    deliveries a second that is CPU the load generator takes from the servers it
+    measures, on the same cores. Appending to an array costs ~0.1 us; the fold (by
+    distinct value) runs once the window is over. Bounded: past ``MAX_KEPT`` values the
+    log is folded early.
+    """
+
+    MAX_KEPT = 4_000_000
+
+    __slots__ = ("_values", "hist")
+
+    def __init__(self, hist: HdrHistogram) -> None:
+        self.hist = hist
+        self._values: array[int] = array("q")
+
+    def append(self, micros: int) -> None:
+        """Keep one latency in microseconds."""
+        values = self._values
+        values.append(micros)
+        if len(values) >= self.MAX_KEPT:
+            self.fold()
+
+    def fold(self) -> HdrHistogram:
+        """Record every kept value into the histogram (clamped to its range)."""
+        for micros, count in Counter(self._values).items():
+            clamped = min(max(micros, HIST_MIN_US), HIST_MAX_US)
+            self.hist.record_value(clamped, count)
+        self._values = array("q")
+        return self.hist
 
 
 def encode_hist(hist: HdrHistogram) -> str:

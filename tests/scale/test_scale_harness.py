@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.scale.common import (
+    LatencyLog,
     encode_hist,
     make_text,
     merge_encoded,
@@ -64,6 +65,22 @@ def test_histograms_merge_and_summarize() -> None:
     assert s["count"] == 1001
     assert 0.49 <= s["p50"] <= 0.51
     assert s["max"] >= 600_000
+
+
+def test_latency_log_folds_to_the_same_histogram() -> None:
+    direct, folded = new_hist(), new_hist()
+    log = LatencyLog(folded)
+    values = [0, 1, 7, 7, 250, 999, 12_345, 10**12, *range(1, 5000, 3)]
+    for v in values:
+        record(direct, v)
+        log.append(v)
+    assert folded.get_total_count() == 0  # nothing recorded until the fold
+    log.fold()
+    assert folded.get_total_count() == direct.get_total_count() == len(values)
+    for p in (1.0, 50.0, 99.0, 99.9, 100.0):
+        assert folded.get_value_at_percentile(p) == direct.get_value_at_percentile(p)
+    log.fold()  # folding again adds nothing
+    assert folded.get_total_count() == len(values)
 
 
 def test_verify_peers_clean_run_passes() -> None:

@@ -99,15 +99,16 @@ class WsClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
-        buf += data
         if not self._upgraded:
+            buf += data
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_HEADER:
                     self._fail(HandshakeError(0, "response header too large"))
                 return
             head = bytes(buf[:end]).decode("latin-1")
-            del buf[: end + 4]
+            data = bytes(buf[end + 4 :])
+            buf.clear()
             error = self._check_response(head)
             if error is not None:
                 self._fail(error)
@@ -115,7 +116,14 @@ class WsClient(asyncio.Protocol):
             self._upgraded = True
             if not self._opened.done():
                 self._opened.set_result(None)
-        self._parse()
+        elif buf:
+            # The rest of a frame that an earlier read cut in two.
+            buf += data
+            data = bytes(buf)
+            buf.clear()
+        used = self._parse(data)
+        if used < len(data) and not self.closed:
+            buf += data[used:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._opened.done():
@@ -124,38 +132,44 @@ class WsClient(asyncio.Protocol):
 
     # -- frames
 
-    def _parse(self) -> None:
-        buf = self._buf
+    def _parse(self, data: bytes) -> int:
+        """Handle every whole frame in ``data``; return how many bytes they took."""
         pos = 0
-        size = len(buf)
+        size = len(data)
         while size - pos >= 2:
-            b0 = buf[pos]
-            b1 = buf[pos + 1]
-            length = b1 & 0x7F
+            b0 = data[pos]
+            length = data[pos + 1]
             head = 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length = (buf[pos + 2] << 8) | buf[pos + 3]
-                head = 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                (length,) = struct.unpack_from("!Q", buf, pos + 2)
-                head = 10
-            if b1 & 0x80 or length > MAX_MESSAGE:
-                self._protocol_error()
-                return
+            if length >= 126:
+                if length == 126:
+                    if size - pos < 4:
+                        break
+                    length = (data[pos + 2] << 8) | data[pos + 3]
+                    head = 4
+                elif length == 127:
+                    if size - pos < 10:
+                        break
+                    (length,) = struct.unpack_from("!Q", data, pos + 2)
+                    head = 10
+                else:  # the mask bit: a server must not mask
+                    self._protocol_error()
+                    return pos
+                if length > MAX_MESSAGE:
+                    self._protocol_error()
+                    return pos
             end = pos + head + length
             if end > size:
                 break
-            payload = bytes(buf[pos + head : end])
+            payload = data[pos + head : end]
             pos = end
-            self._frame(b0 & 0x80, b0 & 0x0F, payload)
+            handler = self.on_message
+            if b0 == 0x81 and handler is not None:
+                handler(payload)  # the common case: a whole text message
+            else:
+                self._frame(b0 & 0x80, b0 & 0x0F, payload)
             if self.closed:
-                return
-        if pos:
-            del buf[:pos]
+                break
+        return pos
 
     def _frame(self, fin: int, opcode: int, payload: bytes) -> None:
         if opcode == OP_TEXT or opcode == OP_BINARY:
