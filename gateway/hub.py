@@ -174,6 +174,7 @@ class Hub:
             event_type=event_type,
             message=message,
             received_at=time.time(),
+            timeout=self.settings.request_timeout,
         )
         stream = self.keys.stream(partition_of(chat_id, self.settings.partitions))
         if not self.producer.submit(stream, encode_stream_entry(entry)):

@@ -34,6 +34,10 @@ class StreamEntry:
     event_type: str
     message: dict[str, Any] | None
     received_at: float
+    # Seconds the gateway waits for the reply before it answers server_error itself
+    # (None: no limit known, from a gateway that predates the field). A worker does not
+    # spend work on a read nobody waits for any more.
+    timeout: float | None = None
 
 
 def encode_stream_entry(entry: StreamEntry) -> bytes:
@@ -49,6 +53,7 @@ def encode_stream_entry(entry: StreamEntry) -> bytes:
             "e": entry.event_type,
             "m": entry.message,
             "ts": entry.received_at,
+            "to": entry.timeout,
         }
     )
 
@@ -66,6 +71,7 @@ def decode_stream_entry(data: bytes) -> StreamEntry:
         event_type=raw["e"],
         message=raw["m"],
         received_at=raw["ts"],
+        timeout=raw.get("to"),
     )
 
 

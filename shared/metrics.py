@@ -177,6 +177,12 @@ class WorkerMetrics:
             ["result"],
             registry=r,
         )
+        self.expired = Counter(
+            "chat_worker_expired_reads",
+            "get_history requests skipped because their gateway had stopped waiting "
+            "(older than the request timeout when read: the backlog of a join storm).",
+            registry=r,
+        )
         self.retries = Counter(
             "chat_worker_retries",
             "Batches retried after an error, by cause.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from typing import Any, cast
 
@@ -21,6 +22,7 @@ from shared.codec import STREAM_FIELD, decode_stream_entry, encode_push, encode_
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.logs import describe_error
 from shared.metrics import WorkerMetrics
+from shared.protocol import GET_HISTORY
 from shared.resp import RespConnection, RespError
 
 from .partitions import PartitionManager
@@ -29,6 +31,33 @@ from .processor import AlreadyStored, Counters, Item, Outcome, Processor, StaleO
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT = 5.0
+# Weight of the newest batch in the running average of the time per read.
+COST_SMOOTHING = 0.2
+
+
+class RedisClock:
+    """Redis's clock, which stamps stream entry ids, estimated from the local one.
+
+    An entry's age is measured on the clock that stamped it, so skew between the
+    gateway's, Redis's and this worker's machines does not matter. The offset is taken
+    from Redis ``TIME`` (error: half a round trip) and refreshed every ``refresh`` s.
+    """
+
+    def __init__(self, refresh: float = 30.0) -> None:
+        self.refresh = refresh
+        self._offset = 0.0
+        self._taken_at: float | None = None
+
+    async def now_ms(self, redis: Redis) -> float:
+        """Redis's current time in milliseconds."""
+        mono = time.monotonic()
+        if self._taken_at is None or mono - self._taken_at > self.refresh:
+            before = time.time()
+            seconds, micros = await redis.time()
+            after = time.time()
+            self._offset = seconds + micros / 1e6 - (before + after) / 2
+            self._taken_at = mono
+        return (time.time() + self._offset) * 1000.0
 
 
 class Consumer:
@@ -69,6 +98,9 @@ class Consumer:
         # one command per reply and push is the worker's hottest Redis path.
         self._redis_url = redis_url
         self._out: RespConnection | None = None
+        self.clock = RedisClock()
+        # Recent batch time (read to replies published) per history read in the batch.
+        self.read_cost_ms = 0.0
 
     async def run(self) -> None:
         """Read and handle batches until cancelled or :attr:`stopping`."""
@@ -103,7 +135,11 @@ class Consumer:
                 items = await self._read(owned, ">")
                 self.redis_ok = True
                 if items:
-                    await self._handle(items, suspect=False)
+                    # XREADGROUP's COUNT is per stream: one read can bring a batch from
+                    # every owned partition. Handled (and answered) a batch at a time,
+                    # so replies do not wait for the whole read.
+                    for start in range(0, len(items), self.batch):
+                        await self._handle(items[start : start + self.batch], suspect=False)
                 backoff.reset()
             except asyncio.CancelledError:
                 raise
@@ -148,7 +184,8 @@ class Consumer:
                 break
             last = items[-1].entry_id if items else last
             log.info("recovering pending entries", extra={"partition": partition, "n": len(items)})
-            await self._handle(items, suspect=True)
+            for start in range(0, len(items), self.batch):
+                await self._handle(items[start : start + self.batch], suspect=True)
 
     async def _read(self, partitions: list[int], start: str) -> list[Item]:
         streams = {self.keys.stream(p): start for p in partitions}
@@ -194,6 +231,8 @@ class Consumer:
     async def _handle(self, items: list[Item], *, suspect: bool) -> None:
         """Process, publish, ack; retry with backoff until done or the partitions are lost."""
         backoff = Backoff(cap=self.backoff_cap)
+        started = time.monotonic()
+        reads = any(i.entry.timeout and i.entry.event_type == GET_HISTORY for i in items)
         self.metrics.batch_size.observe(len(items))
         outcome: Outcome | None = None
         while True:
@@ -203,10 +242,18 @@ class Consumer:
                 return
             try:
                 if outcome is None:
-                    outcome = await self.processor.process(items, suspect=suspect)
+                    now_ms = None
+                    if reads:
+                        now_ms = await self.clock.now_ms(self.redis)
+                    outcome = await self.processor.process(
+                        items, suspect=suspect, now_ms=now_ms, read_cost_ms=self.read_cost_ms
+                    )
                     self.mongo_ok = True
                 await self._publish_and_ack(items, outcome)
                 self.redis_ok = True
+                if outcome.reads:
+                    cost = (time.monotonic() - started) * 1000.0 / outcome.reads
+                    self.read_cost_ms += COST_SMOOTHING * (cost - self.read_cost_ms)
                 return
             except asyncio.CancelledError:
                 raise

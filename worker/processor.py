@@ -53,6 +53,7 @@ class Outcome:
     pushes: list[Push] = field(default_factory=list)
     order: list[tuple[str, int]] = field(default_factory=list)  # ("r"|"p", index)
     stored: int = 0
+    reads: int = 0  # history reads answered
 
     def reply(self, node: str, reply: Reply) -> None:
         self.order.append(("r", len(self.replies)))
@@ -123,6 +124,9 @@ class Counters:
                 self._last.pop(chat_id, None)
 
 
+CONCURRENT_READS = 16
+
+
 class Processor:
     """Validates, stores and answers one batch at a time."""
 
@@ -133,16 +137,36 @@ class Processor:
         counters: Counters,
         metrics: WorkerMetrics,
         clock: Callable[[], float] = time.time,
+        concurrent_reads: int = CONCURRENT_READS,
     ) -> None:
         self.store = store
         self.auth = auth
         self.counters = counters
         self.metrics = metrics
         self.clock = clock
+        # History queries in flight at once. Past a few, more only queue inside the
+        # driver (and make it open connections, two at a time) while each query's
+        # latency grows: a batch of 500 reads ran at ~190 ms a query unbounded.
+        self._reads = asyncio.Semaphore(concurrent_reads)
 
-    async def process(self, items: Sequence[Item], *, suspect: bool) -> Outcome:
-        """Handle ``items`` in order; raise on a MongoDB failure (the caller retries)."""
+    async def process(
+        self,
+        items: Sequence[Item],
+        *,
+        suspect: bool,
+        now_ms: float | None = None,
+        read_cost_ms: float = 0.0,
+    ) -> Outcome:
+        """Handle ``items`` in order; raise on a MongoDB failure (the caller retries).
+
+        ``now_ms``: the current time on the clock that stamped the entry ids (Redis's);
+        with it, reads whose gateway will have stopped waiting before their reply is
+        out are skipped unanswered. ``read_cost_ms``: recent batch time per read, which
+        predicts when the batch's replies go out.
+        """
         outcome = Outcome()
+        if now_ms is not None:
+            items = self._drop_expired(items, now_ms, read_cost_ms)
         digests = {i.entry.token_digest for i in items if i.entry.token_digest}
         identities = await self._timed("auth", self.auth.identities_for(digests))
         members = await self._timed("auth", self.auth.members_of({i.entry.chat_id for i in items}))
@@ -182,12 +206,46 @@ class Processor:
         assert outcome.complete
         return outcome
 
+    def _drop_expired(
+        self, items: Sequence[Item], now_ms: float, read_cost_ms: float
+    ) -> Sequence[Item]:
+        # After a join storm the stream holds reads whose gateways already answered
+        # server_error (timeout), and a batch can hold more reads than can be served
+        # before their gateways give up (every reply of a batch goes out at its end).
+        # Serving them would only delay the reads that can still be answered in time,
+        # and the clients' retries behind them, until nothing is answered in time at
+        # all. So the newest reads are kept, as many as can be answered in time, and the
+        # older ones skipped. Sends are never skipped: their outcome is unknown to the
+        # client, and a retry with the same client_msg_id must find them stored.
+        expiring = sorted(
+            (_stamp_ms(item.entry_id) + item.entry.timeout * 1000.0, n)
+            for n, item in enumerate(items)
+            if item.entry.timeout and item.entry.event_type == protocol.GET_HISTORY
+        )
+        reads = len(expiring)
+        skip: set[int] = set()
+        for deadline, n in expiring:  # soonest deadline (oldest) first
+            if now_ms + read_cost_ms * (reads - len(skip)) <= deadline:
+                break  # this one can be answered in time, and every later one too
+            skip.add(n)
+        if not skip:
+            return items
+        self.metrics.expired.inc(len(skip))
+        return [item for n, item in enumerate(items) if n not in skip]
+
     async def _read_histories(
         self, outcome: Outcome, reads: list[tuple[int, Item, Identity]]
     ) -> None:
-        replies = await asyncio.gather(*(self._history(item, who) for _, item, who in reads))
-        for (index, item, _), reply in zip(reads, replies, strict=True):
-            outcome.fill(index, item.entry.node, reply)
+        outcome.reads += len(reads)
+        await self._timed("last_seq", self.counters.load({i.entry.chat_id for _, i, _ in reads}))
+        # Sockets joining together ask the same page of the same chat (a room after a
+        # reconnect storm): one query per distinct page, each reply built per reader.
+        keys = [_page_key(item.entry) for _, item, _ in reads]
+        distinct = list(dict.fromkeys(keys))
+        pages = await asyncio.gather(*(self._page(key) for key in distinct))
+        by_key = dict(zip(distinct, pages, strict=True))
+        for (index, item, who), key in zip(reads, keys, strict=True):
+            outcome.fill(index, item.entry.node, self._history_reply(item, who, by_key[key]))
 
     # -- replies -----------------------------------------------------------------
 
@@ -197,20 +255,17 @@ class Processor:
         outcome.reply(entry.node, Reply(entry.conn, entry.req, frame, revoke=entry.chat_id))
         self.metrics.events.labels(entry.event_type, reply_type).inc()
 
-    async def _history(self, item: Item, identity: Identity) -> Reply:
+    async def _page(self, key: PageKey) -> list[Doc]:
+        chat_id, limit, before, after = key
+        async with self._reads:
+            page: list[Doc] = await self._timed(
+                "history", self.store.history(chat_id, limit=limit, before=before, after=after)
+            )
+        return page
+
+    def _history_reply(self, item: Item, identity: Identity, page: list[Doc]) -> Reply:
         entry = item.entry
-        query = entry.message or {}
-        await self._timed("last_seq", self.counters.load({entry.chat_id}))
         head = self.counters.get(entry.chat_id)
-        page = await self._timed(
-            "history",
-            self.store.history(
-                entry.chat_id,
-                limit=int(query.get("limit", protocol.HISTORY_DEFAULT_LIMIT)),
-                before=query.get("before_id"),
-                after=query.get("after_id"),
-            ),
-        )
         user = identity.user_id
         messages = [protocol.message_view(doc, doc["user_id"] == user) for doc in page]
         frame = protocol.encode_reply(
@@ -370,3 +425,22 @@ def _duplicate_index(exc: Exception) -> str | None:
         else:
             names.add("_id")
     return SEQ_INDEX if SEQ_INDEX in names else sorted(names)[0]
+
+
+PageKey = tuple[str, int, Any, Any]
+
+
+def _page_key(entry: StreamEntry) -> PageKey:
+    """What a get_history reads: (chat, limit, before_id, after_id)."""
+    query = entry.message or {}
+    return (
+        entry.chat_id,
+        int(query.get("limit", protocol.HISTORY_DEFAULT_LIMIT)),
+        query.get("before_id"),
+        query.get("after_id"),
+    )
+
+
+def _stamp_ms(entry_id: str) -> int:
+    """The millisecond part of a stream entry id (Redis's clock when it was added)."""
+    return int(entry_id.split("-", 1)[0])
