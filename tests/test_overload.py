@@ -25,6 +25,7 @@ from shared.codec import (
 from shared.config import Settings
 from shared.keys import CONSUMER_GROUP, Keys, partition_of
 from tests.scale import wsclient
+from tests.scale.common import raise_nofile
 from tests.support import Seeder, Stack
 
 
@@ -95,7 +96,10 @@ async def test_join_storm_is_absorbed(
     time on this machine. Clients retry on ``server_error`` with
     backoff, as the web client does; every one of them must get in, and the worker must
     not spend itself on reads whose gateway had already given up."""
-    sockets, chat_size = 4000, 1
+    # The clients here and the gateway each hold one descriptor per socket.
+    _, hard = raise_nofile()
+    sockets, chat_size = min(4000, hard - 500), 1
+    assert sockets >= 1000, f"RLIMIT_NOFILE hard limit {hard} is too low for a storm"
     users = [f"s{n}" for n in range(sockets)]
     tokens = {u: uuid.uuid4().hex for u in users}
     await seed.store.users.insert_many([{"_id": u, "username": u} for u in users])
