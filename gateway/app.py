@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import WebSocketError, WSMsgType, web
-from aiohttp.typedefs import Handler
 
 from shared import protocol
 from shared.config import ConfigError, Settings
@@ -29,6 +28,9 @@ from .producer import StreamProducer
 from .subscriber import Subscriber
 
 log = logging.getLogger(__name__)
+
+# Message types that end a socket's receive loop.
+_ENDED = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -52,7 +54,7 @@ _CLOSING: set[asyncio.Task[None]] = set()
 
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway application; resources start and stop with it."""
-    app = web.Application(middlewares=[_refuse_upgrades_while_draining])
+    app = web.Application()
     app[SETTINGS] = settings
     # Abuse settings are parsed here, so a bad TRUSTED_PROXIES, ALLOWED_ORIGINS or
     # FILE_URL_PREFIXES stops the gateway at start with the variable's name.
@@ -82,19 +84,6 @@ def create_app(settings: Settings) -> web.Application:
     if STATIC_DIR.is_dir():
         app.router.add_static("/static/", STATIC_DIR, append_version=False)
     return app
-
-
-@web.middleware
-async def _refuse_upgrades_while_draining(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
-    # A draining gateway answers upgrades 503 (nginx then tries another gateway at once
-    # and benches this one) instead of accepting a socket it is about to close.
-    if request.app[DRAIN].draining and request.headers.get("Upgrade", "").lower() == "websocket":
-        raise web.HTTPServiceUnavailable(
-            text="draining: connect to another gateway", headers={"Retry-After": "1"}
-        )
-    return await handler(request)
 
 
 async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -159,10 +148,20 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     """One client socket: admit it, then read frames, validate, rate-limit and forward.
 
     Replies arrive through the hub. A handshake from a foreign browser page is refused
-    with 403, one over the per-address connection limit with 429 (both before the
-    upgrade, so they cost no socket state).
+    with 403, one over the per-address connection limit with 429, one to a draining
+    gateway with 503 (all before the upgrade, so they cost no socket state).
+
+    Everything a socket needs lives in this one coroutine: it stays suspended for the
+    socket's whole life, and every frame under it (a middleware, a helper coroutine)
+    would be kept per socket too.
     """
     app = request.app
+    if app[DRAIN].draining:
+        # nginx then tries another gateway at once and benches this one, instead of
+        # this gateway accepting a socket it is about to close.
+        raise web.HTTPServiceUnavailable(
+            text="draining: connect to another gateway", headers={"Retry-After": "1"}
+        )
     guard = app[GUARD]
     metrics = app[METRICS]
     client = guard.client_address(request.remote, request.headers.getall("X-Forwarded-For", ()))
@@ -179,87 +178,90 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             text="Too many connections from your address", headers={"Retry-After": "10"}
         )
     try:
-        return await _serve(request, client)
+        settings = app[SETTINGS]
+        hub = app[HUB]
+        limits = app[LIMITS]
+        ws = web.WebSocketResponse(
+            heartbeat=settings.heartbeat_seconds,
+            max_msg_size=settings.max_frame_bytes,
+            compress=settings.websocket_compression,
+            # aiohttp waits for the transport to drain only after this many bytes of output
+            # (default 256 KiB): at the transport's own high-water mark, a socket that stops
+            # reading holds at most ~2 x 64 KiB in the transport besides its send queue.
+            writer_limit=TRANSPORT_HIGH_WATER,
+            # Text frames arrive as bytes: orjson validates the UTF-8 itself, so invalid UTF-8
+            # gets a bad_request reply instead of aiohttp closing the socket with 1007.
+            decode_text=False,
+        )
+        await ws.prepare(request)
+        conn = Connection(
+            hub.new_connection_id(),
+            ws,
+            request.transport,
+            client,
+            max_messages=settings.send_queue_max_messages,
+            max_bytes=settings.send_queue_max_bytes,
+            on_slow=app[ON_SLOW],
+            batch=hub.writes,
+        )
+        hub.add(conn)
+        metrics.connections_opened.inc()
+        limiter = app[GUARD].limiter(time.monotonic())
+        limited_detail = app[RATE_LIMITED_DETAIL]
+        try:
+            while True:
+                # receive() itself rather than ``async for``: one coroutine frame fewer
+                # kept suspended per socket.
+                msg = await ws.receive()
+                if msg.type == WSMsgType.TEXT:
+                    req, error = _parse(msg.data, limits)
+                    metrics.frames_in.labels(req.event_type if req else "invalid").inc()
+                elif msg.type == WSMsgType.BINARY:
+                    req, error = None, BINARY_ERROR
+                    metrics.frames_in.labels("binary").inc()
+                elif msg.type in _ENDED:
+                    break
+                elif msg.type == WSMsgType.ERROR:
+                    if isinstance(msg.data, WebSocketError) and conn.close_code is None:
+                        # The code aiohttp closed with (1009 too big, 1002 protocol error),
+                        # not whatever the peer answered, or failed to answer, to it.
+                        conn.close_code = msg.data.code
+                    break
+                else:
+                    continue
+                received = time.monotonic()
+                verdict = limiter.check(received)
+                if verdict is not Verdict.ALLOW:
+                    metrics.rate_limited.inc()
+                    if verdict is Verdict.CLOSE:
+                        log.info(
+                            "closing a client that kept sending past its rate limit",
+                            extra={"conn": conn.conn_id, "peer": conn.peer},
+                        )
+                        await conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded")
+                        break
+                    said = req if req is not None else error
+                    assert said is not None
+                    frame = protocol.encode_reply(
+                        protocol.RATE_LIMITED,
+                        said.event_type,
+                        None,
+                        limited_detail,
+                        said.request_id,
+                    )
+                    hub.reply_now(conn, frame, protocol.RATE_LIMITED)
+                    continue
+                if error is not None:
+                    hub.reply_now(conn, error.to_frame(), error.reply_type)
+                    continue
+                assert req is not None
+                await hub.submit(conn, req, received)
+        finally:
+            hub.remove(conn)
+            metrics.connections_closed.labels(_close_label(conn.close_code or ws.close_code)).inc()
+        return ws
     finally:
         guard.per_ip.release(group)
-
-
-async def _serve(request: web.Request, client: str) -> web.StreamResponse:
-    app = request.app
-    settings = app[SETTINGS]
-    hub = app[HUB]
-    metrics = app[METRICS]
-    limits = app[LIMITS]
-    ws = web.WebSocketResponse(
-        heartbeat=settings.heartbeat_seconds,
-        max_msg_size=settings.max_frame_bytes,
-        compress=settings.websocket_compression,
-        # aiohttp waits for the transport to drain only after this many bytes of output
-        # (default 256 KiB): at the transport's own high-water mark, a socket that stops
-        # reading holds at most ~2 x 64 KiB in the transport besides its send queue.
-        writer_limit=TRANSPORT_HIGH_WATER,
-        # Text frames arrive as bytes: orjson validates the UTF-8 itself, so invalid UTF-8
-        # gets a bad_request reply instead of aiohttp closing the socket with 1007.
-        decode_text=False,
-    )
-    await ws.prepare(request)
-    conn = Connection(
-        hub.new_connection_id(),
-        ws,
-        request.transport,
-        client,
-        max_messages=settings.send_queue_max_messages,
-        max_bytes=settings.send_queue_max_bytes,
-        on_slow=app[ON_SLOW],
-        batch=hub.writes,
-    )
-    hub.add(conn)
-    metrics.connections_opened.inc()
-    limiter = app[GUARD].limiter(time.monotonic())
-    limited_detail = app[RATE_LIMITED_DETAIL]
-    try:
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                req, error = _parse(msg.data, limits)
-                metrics.frames_in.labels(req.event_type if req else "invalid").inc()
-            elif msg.type == WSMsgType.BINARY:
-                req, error = None, BINARY_ERROR
-                metrics.frames_in.labels("binary").inc()
-            elif msg.type == WSMsgType.ERROR:
-                if isinstance(msg.data, WebSocketError) and conn.close_code is None:
-                    # The code aiohttp closed with (1009 too big, 1002 protocol error),
-                    # not whatever the peer answered, or failed to answer, to it.
-                    conn.close_code = msg.data.code
-                break
-            else:
-                continue
-            received = time.monotonic()
-            verdict = limiter.check(received)
-            if verdict is not Verdict.ALLOW:
-                metrics.rate_limited.inc()
-                if verdict is Verdict.CLOSE:
-                    log.info(
-                        "closing a client that kept sending past its rate limit",
-                        extra={"conn": conn.conn_id, "peer": conn.peer},
-                    )
-                    await conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded")
-                    break
-                said = req if req is not None else error
-                assert said is not None
-                frame = protocol.encode_reply(
-                    protocol.RATE_LIMITED, said.event_type, None, limited_detail, said.request_id
-                )
-                hub.reply_now(conn, frame, protocol.RATE_LIMITED)
-                continue
-            if error is not None:
-                hub.reply_now(conn, error.to_frame(), error.reply_type)
-                continue
-            assert req is not None
-            await hub.submit(conn, req, received)
-    finally:
-        hub.remove(conn)
-        metrics.connections_closed.labels(_close_label(conn.close_code or ws.close_code)).inc()
-    return ws
 
 
 def _parse(
