@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from aiohttp import WebSocketError, WSMsgType, web
+from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
 from shared import protocol
 from shared.config import ConfigError, Settings
@@ -23,7 +23,7 @@ from shared.metrics import CONTENT_TYPE, GatewayMetrics, prime_gateway, render
 from .connection import TRANSPORT_HIGH_WATER, Connection
 from .drain import Drain
 from .hub import Hub
-from .limits import Guard, Verdict, address_group
+from .limits import Guard, RateLimiter, Verdict, address_group
 from .producer import StreamProducer
 from .subscriber import Subscriber
 
@@ -180,7 +180,6 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     try:
         settings = app[SETTINGS]
         hub = app[HUB]
-        limits = app[LIMITS]
         ws = web.WebSocketResponse(
             heartbeat=settings.heartbeat_seconds,
             max_msg_size=settings.max_frame_bytes,
@@ -207,61 +206,69 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         hub.add(conn)
         metrics.connections_opened.inc()
         limiter = app[GUARD].limiter(time.monotonic())
-        limited_detail = app[RATE_LIMITED_DETAIL]
         try:
-            while True:
-                # receive() itself rather than ``async for``: one coroutine frame fewer
-                # kept suspended per socket.
-                msg = await ws.receive()
-                if msg.type == WSMsgType.TEXT:
-                    req, error = _parse(msg.data, limits)
-                    metrics.frames_in.labels(req.event_type if req else "invalid").inc()
-                elif msg.type == WSMsgType.BINARY:
-                    req, error = None, BINARY_ERROR
-                    metrics.frames_in.labels("binary").inc()
-                elif msg.type in _ENDED:
-                    break
-                elif msg.type == WSMsgType.ERROR:
-                    if isinstance(msg.data, WebSocketError) and conn.close_code is None:
-                        # The code aiohttp closed with (1009 too big, 1002 protocol error),
-                        # not whatever the peer answered, or failed to answer, to it.
-                        conn.close_code = msg.data.code
-                    break
-                else:
-                    continue
-                received = time.monotonic()
-                verdict = limiter.check(received)
-                if verdict is not Verdict.ALLOW:
-                    metrics.rate_limited.inc()
-                    if verdict is Verdict.CLOSE:
-                        log.info(
-                            "closing a client that kept sending past its rate limit",
-                            extra={"conn": conn.conn_id, "peer": conn.peer},
-                        )
-                        await conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded")
-                        break
-                    said = req if req is not None else error
-                    assert said is not None
-                    frame = protocol.encode_reply(
-                        protocol.RATE_LIMITED,
-                        said.event_type,
-                        None,
-                        limited_detail,
-                        said.request_id,
-                    )
-                    hub.reply_now(conn, frame, protocol.RATE_LIMITED)
-                    continue
-                if error is not None:
-                    hub.reply_now(conn, error.to_frame(), error.reply_type)
-                    continue
-                assert req is not None
-                await hub.submit(conn, req, received)
+            # The message is handed over without a name in this frame, and everything
+            # made from it dies with _on_message: between messages a socket keeps none.
+            while await _on_message(app, conn, limiter, await ws.receive()):
+                pass
         finally:
             hub.remove(conn)
             metrics.connections_closed.labels(_close_label(conn.close_code or ws.close_code)).inc()
         return ws
     finally:
         guard.per_ip.release(group)
+
+
+async def _on_message(
+    app: web.Application, conn: Connection, limiter: RateLimiter, msg: WSMessage
+) -> bool:
+    """Handle one received WebSocket message; False ends the socket's receive loop."""
+    metrics = app[METRICS]
+    hub = app[HUB]
+    if msg.type == WSMsgType.TEXT:
+        req, error = _parse(msg.data, app[LIMITS])
+        metrics.frames_in.labels(req.event_type if req else "invalid").inc()
+    elif msg.type == WSMsgType.BINARY:
+        req, error = None, BINARY_ERROR
+        metrics.frames_in.labels("binary").inc()
+    elif msg.type in _ENDED:
+        return False
+    elif msg.type == WSMsgType.ERROR:
+        if isinstance(msg.data, WebSocketError) and conn.close_code is None:
+            # The code aiohttp closed with (1009 too big, 1002 protocol error), not
+            # whatever the peer answered, or failed to answer, to it.
+            conn.close_code = msg.data.code
+        return False
+    else:
+        return True
+    received = time.monotonic()
+    verdict = limiter.check(received)
+    if verdict is not Verdict.ALLOW:
+        metrics.rate_limited.inc()
+        if verdict is Verdict.CLOSE:
+            log.info(
+                "closing a client that kept sending past its rate limit",
+                extra={"conn": conn.conn_id, "peer": conn.peer},
+            )
+            await conn.close(CLOSE_RATE_LIMITED, "rate limit exceeded")
+            return False
+        said = req if req is not None else error
+        assert said is not None
+        frame = protocol.encode_reply(
+            protocol.RATE_LIMITED,
+            said.event_type,
+            None,
+            app[RATE_LIMITED_DETAIL],
+            said.request_id,
+        )
+        hub.reply_now(conn, frame, protocol.RATE_LIMITED)
+        return True
+    if error is not None:
+        hub.reply_now(conn, error.to_frame(), error.reply_type)
+        return True
+    assert req is not None
+    await hub.submit(conn, req, received)
+    return True
 
 
 def _parse(
