@@ -419,6 +419,33 @@ async def test_send_retried_through_a_worker_outage(
     assert a.errors == []
 
 
+async def test_history_asked_again_until_a_worker_answers(
+    stack: Stack, seed: Seeder, browser: Browser, log_dir: Path
+) -> None:
+    """A page opened while no worker runs: its history read is answered server_error
+    (timed out) and asked again, after growing jittered pauses, until a worker is back."""
+    worker_proc, worker_url = stack.spawn("worker", log_dir)
+    gw = await stack.gateway(request_timeout=1.0)
+    await stack.wait_ready(worker_url)
+    alice, a_token = await seed.user("Alice")
+    bob, b_token = await seed.user("Bob")
+    chat_id = await seed.chat(alice, bob)
+    a = await open_chat(browser, gw, a_token, chat_id)
+    await a.send("before the outage")
+    await a.wait_settled()
+
+    await stop(worker_proc, signal.SIGKILL)
+    b = await open_chat(browser, gw, b_token, chat_id)
+    await asyncio.sleep(4.0)
+    asked = [f for f in b.sent if f.get("event_type") == "get_history"]
+    assert len(asked) >= 2, asked  # refused, asked again
+    assert await b.texts() == []
+    _, worker_url = stack.spawn("worker", log_dir)
+    await stack.wait_ready(worker_url)
+    await expect(b.message("before the outage")).to_have_count(1, timeout=20_000)
+    assert len({f["request_id"] for f in b.sent}) == len(b.sent)
+
+
 async def test_scroll_up_pages_back(stack: Stack, seed: Seeder, browser: Browser) -> None:
     """Only the latest page loads first; scrolling up fetches older pages with before_id."""
     await stack.worker()

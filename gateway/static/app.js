@@ -38,6 +38,7 @@ let tickTimer = 0;
 let openedAt = 0;
 let lastFrameAt = 0;     // last frame on the current socket: proof it is alive
 let synced = false;      // history caught up on the current socket
+let syncTries = 0;       // refused history reads since the last successful sync
 let hasOlder = true;
 let loadingOlder = false;
 let stick = true;        // user is at the bottom: new messages scroll into view
@@ -550,6 +551,7 @@ function sync() {
 
 function afterSync() {
   synced = true;
+  syncTries = 0;
   updateEmpty();
   updateOlder();
   for (const p of pending) if (p.state === 'queued') transmit(p);
@@ -604,9 +606,13 @@ function onFrame(data) {
       updateOlder();
     } else if (kind === 'latest' || kind === 'catchup') {
       if (f.type === 'server_error' || f.type === 'rate_limited') {
-        // Transient: ask again shortly rather than leave a gap.
+        // Transient: ask again rather than leave a gap, after a growing pause with
+        // jitter, so the clients of a restarted server do not all come back at once.
         const sock = ws;
-        setTimeout(() => { if (ws === sock && !synced) request(kind, req.event, req.message); }, 2000);
+        syncTries += 1;
+        const base = Math.min(BACKOFF_MAX, BACKOFF_MIN * 2 ** syncTries);
+        setTimeout(() => { if (ws === sock && !synced) request(kind, req.event, req.message); },
+          base / 2 + Math.random() * (base / 2));
       } else {
         afterSync();   // permanent (bad token, no chat): queued sends will report it too
       }
