@@ -388,16 +388,27 @@ async def test_reconnect_catches_up_exactly_once(
     await a.screenshot("browser-reconnected.png")
 
 
-async def test_send_retried_through_a_worker_outage(
-    stack: Stack, seed: Seeder, browser: Browser, log_dir: Path
-) -> None:
-    """A send the gateway times out on is resent by itself, same client_msg_id, stored once."""
+async def _worker_process_and_two_users(
+    stack: Stack, seed: Seeder, log_dir: Path, **gateway_settings: Any
+) -> tuple[subprocess.Popen[bytes], str, tuple[str, str], str]:
+    """A worker as a process (so it can be killed), an in-process gateway, and Alice and
+    Bob in one chat: (worker, gateway URL, (Alice's token, Bob's token), chat id)."""
     worker_proc, worker_url = stack.spawn("worker", log_dir)
-    gw = await stack.gateway()
+    gw = await stack.gateway(**gateway_settings)
     await stack.wait_ready(worker_url)
     alice, a_token = await seed.user("Alice")
     bob, b_token = await seed.user("Bob")
     chat_id = await seed.chat(alice, bob)
+    return worker_proc, gw, (a_token, b_token), chat_id
+
+
+async def test_send_retried_through_a_worker_outage(
+    stack: Stack, seed: Seeder, browser: Browser, log_dir: Path
+) -> None:
+    """A send the gateway times out on is resent by itself, same client_msg_id, stored once."""
+    worker_proc, gw, (a_token, b_token), chat_id = await _worker_process_and_two_users(
+        stack, seed, log_dir
+    )
     a = await open_chat(browser, gw, a_token, chat_id)
     await a.send("first")
     await a.wait_settled()
@@ -424,12 +435,9 @@ async def test_history_asked_again_until_a_worker_answers(
 ) -> None:
     """A page opened while no worker runs: its history read is answered server_error
     (timed out) and asked again, after growing jittered pauses, until a worker is back."""
-    worker_proc, worker_url = stack.spawn("worker", log_dir)
-    gw = await stack.gateway(request_timeout=1.0)
-    await stack.wait_ready(worker_url)
-    alice, a_token = await seed.user("Alice")
-    bob, b_token = await seed.user("Bob")
-    chat_id = await seed.chat(alice, bob)
+    worker_proc, gw, (a_token, b_token), chat_id = await _worker_process_and_two_users(
+        stack, seed, log_dir, request_timeout=1.0
+    )
     a = await open_chat(browser, gw, a_token, chat_id)
     await a.send("before the outage")
     await a.wait_settled()
