@@ -174,6 +174,8 @@ async def test_join_storm_is_absorbed(
     )
     assert len(joined) == sockets, f"{sockets - len(joined)} never got in\n{stack.logs()[-3000:]}"
     # Reads the worker answered after their gateway had given up are wasted work; with
-    # expired reads skipped they are only those that expired while being served.
-    wasted = served - sockets
-    assert wasted <= max(50, 0.1 * (tries - sockets)), (served, tries)
+    # expired reads skipped they are only those that expired while being served: on
+    # this machine 2-23 % of the joins (the more, the busier the machine), where serving
+    # every read cost 4.6 reads per join (22,561 for 4,000).
+    assert served >= sockets
+    assert served <= 2 * sockets, (served, tries, expired)

@@ -31,6 +31,9 @@ from .processor import AlreadyStored, Counters, Item, Outcome, Processor, StaleO
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT = 5.0
+# Beyond its BLOCK time, how long a stream read may take before the connection is dropped.
+READ_TIMEOUT = 5.0
+
 # Weight of the newest batch in the running average of the time per read.
 COST_SMOOTHING = 0.2
 
@@ -98,6 +101,8 @@ class Consumer:
         # one command per reply and push is the worker's hottest Redis path.
         self._redis_url = redis_url
         self._out: RespConnection | None = None
+        # XREADGROUP too: one blocking read per batch, on a lean connection of its own.
+        self._in: RespConnection | None = None
         self.clock = RedisClock()
         # Recent batch time (read to replies published) per history read in the batch.
         self.read_cost_ms = 0.0
@@ -110,6 +115,9 @@ class Consumer:
             if self._out is not None:
                 self._out.close()
                 self._out = None
+            if self._in is not None:
+                self._in.close()
+                self._in = None
 
     async def _loop(self) -> None:
         backoff = Backoff(cap=self.backoff_cap)
@@ -143,7 +151,7 @@ class Consumer:
                 backoff.reset()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, RespError) as exc:
                 self.redis_ok = False
                 self._reclaim = True
                 log.warning("stream read failed", extra={"error": describe_error(exc)})
@@ -191,15 +199,19 @@ class Consumer:
         streams = {self.keys.stream(p): start for p in partitions}
         for stream in streams:
             await self._ensure_group(stream)
+        block = self.block_ms if start == ">" else None
+        command: list[Any] = ["XREADGROUP", "GROUP", CONSUMER_GROUP, self.node_id]
+        command += ["COUNT", self.batch]
+        if block is not None:
+            command += ["BLOCK", block]
+        command += ["STREAMS", *streams, *streams.values()]
+        if self._in is None or self._in.closed:
+            self._in = await RespConnection.open(self._redis_url, name=f"worker-in:{self.node_id}")
         try:
-            response = await self.redis.xreadgroup(
-                CONSUMER_GROUP,
-                self.node_id,
-                streams,  # type: ignore[arg-type]
-                count=self.batch,
-                block=self.block_ms if start == ">" else None,
+            (response,) = await asyncio.wait_for(
+                self._in.execute([command]), (block or 0) / 1000 + READ_TIMEOUT
             )
-        except ResponseError as exc:
+        except RespError as exc:
             if "NOGROUP" in str(exc):
                 # Redis lost the group (restarted without its data): create it again.
                 self._groups.clear()
@@ -207,13 +219,14 @@ class Consumer:
             raise
         items: list[Item] = []
         dead: dict[str, list[str]] = defaultdict(list)
-        rows = cast(list[Any], response or [])  # [[stream, [(id, {field: value}), ...]], ...]
+        # RESP2: [[stream, [[id, [field, value, ...] or nil], ...]], ...], or nil.
+        rows = cast(list[Any], response or [])
         for stream_name, entries in rows:
-            stream = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
+            stream = stream_name.decode()
             partition = self.keys.stream_partition(stream)
             for raw_id, fields in entries:
-                entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-                payload = fields.get(STREAM_FIELD) if fields else None
+                entry_id = raw_id.decode()
+                payload = _field(fields, STREAM_FIELD)
                 if payload is None:
                     dead[stream].append(entry_id)  # trimmed away while pending
                     continue
@@ -330,3 +343,14 @@ def _is_mongo_up(exc: Exception) -> bool:
     from pymongo.errors import AutoReconnect, ConnectionFailure, ServerSelectionTimeoutError
 
     return not isinstance(exc, ConnectionFailure | AutoReconnect | ServerSelectionTimeoutError)
+
+
+def _field(fields: list[bytes] | None, name: bytes) -> bytes | None:
+    """The value of ``name`` in a flat [field, value, ...] list (None: absent, or the
+    entry was deleted while pending and Redis returned nil for its fields)."""
+    if not fields:
+        return None
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == name:
+            return fields[i + 1]
+    return None
