@@ -179,8 +179,8 @@ class WorkerMetrics:
         )
         self.expired = Counter(
             "chat_worker_expired_reads",
-            "get_history requests skipped because their gateway had stopped waiting "
-            "(older than the request timeout when read: the backlog of a join storm).",
+            "get_history requests skipped unanswered because their gateway would have "
+            "stopped waiting before the reply (the backlog of a join storm).",
             registry=r,
         )
         self.retries = Counter(

@@ -142,12 +142,7 @@ class Consumer:
                     continue
                 items = await self._read(owned, ">")
                 self.redis_ok = True
-                if items:
-                    # XREADGROUP's COUNT is per stream: one read can bring a batch from
-                    # every owned partition. Handled (and answered) a batch at a time,
-                    # so replies do not wait for the whole read.
-                    for start in range(0, len(items), self.batch):
-                        await self._handle(items[start : start + self.batch], suspect=False)
+                await self._handle_read(items, suspect=False)
                 backoff.reset()
             except asyncio.CancelledError:
                 raise
@@ -192,8 +187,7 @@ class Consumer:
                 break
             last = items[-1].entry_id if items else last
             log.info("recovering pending entries", extra={"partition": partition, "n": len(items)})
-            for start in range(0, len(items), self.batch):
-                await self._handle(items[start : start + self.batch], suspect=True)
+            await self._handle_read(items, suspect=True)
 
     async def _read(self, partitions: list[int], start: str) -> list[Item]:
         streams = {self.keys.stream(p): start for p in partitions}
@@ -240,6 +234,13 @@ class Consumer:
         for stream, ids in dead.items():
             await self.redis.xack(stream, CONSUMER_GROUP, *ids)
         return items
+
+    async def _handle_read(self, items: list[Item], *, suspect: bool) -> None:
+        # XREADGROUP's COUNT is per stream: one read can bring a batch from every owned
+        # partition. Handled (and answered) a batch at a time, so replies do not wait
+        # for the whole read.
+        for start in range(0, len(items), self.batch):
+            await self._handle(items[start : start + self.batch], suspect=suspect)
 
     async def _handle(self, items: list[Item], *, suspect: bool) -> None:
         """Process, publish, ack; retry with backoff until done or the partitions are lost."""
