@@ -192,7 +192,8 @@ class Consumer:
     async def _read(self, partitions: list[int], start: str) -> list[Item]:
         streams = {self.keys.stream(p): start for p in partitions}
         for stream in streams:
-            await self._ensure_group(stream)
+            if stream not in self._groups:  # known after the first read: no await per read
+                await self._ensure_group(stream)
         block = self.block_ms if start == ">" else None
         command: list[Any] = ["XREADGROUP", "GROUP", CONSUMER_GROUP, self.node_id]
         command += ["COUNT", self.batch]
