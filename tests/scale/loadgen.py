@@ -30,6 +30,7 @@ import resource
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -406,49 +407,57 @@ class LoadGen:
                 return False
         return True
 
-    async def sender(self, client: Client, chat: str, rate: float, phase: float) -> None:
-        stats = self.stats
+    async def _timetable(self, rate: float, phase: float) -> AsyncIterator[tuple[int, int, int]]:
+        """The open-loop schedule of one sender: ``(n, scheduled ns, reference ns)`` for
+        n = 1, 2, ... at ``start + phase + (n - 1) / rate``, each yielded when its time
+        comes, until the window ends or the generator stops."""
         interval = 1e9 / rate
-        start, end = stats.start_ns, stats.end_ns
+        start, end = self.stats.start_ns, self.stats.end_ns
         n = 0
-        tag = self.tag
         while True:
             sched = start + int(phase * 1e9 + n * interval)
             if sched >= end or self.stopping:
                 return
             ref = await _wait_until(sched)
             n += 1
+            yield n, sched, ref
+
+    async def _issue(
+        self, client: Client, frame: dict[str, Any], rid: int, pending: tuple[int, str, str, int]
+    ) -> bool:
+        """Write a timed request; False (and forgotten) when the socket cannot take it."""
+        client.pending[str(rid)] = pending
+        if await self.write(client, frame, rid):
+            return True
+        client.pending.pop(str(rid), None)
+        return False
+
+    async def sender(self, client: Client, chat: str, rate: float, phase: float) -> None:
+        stats = self.stats
+        tag = self.tag
+        async for n, sched, ref in self._timetable(rate, phase):
             rid = client.rid()
-            key = msg_key(client.gid, n)
             message = {
                 "type": "text",
                 "text": make_text(ref, client.gid, n, self.pad),
                 "client_msg_id": f"{tag}-{client.gid}-{n}",
             }
             frame = self.frame(client, "send", chat, rid, message=message)
-            client.pending[str(rid)] = (ref, "send", chat, key)
             record(stats.hist["send_lag"], (time.monotonic_ns() - sched) // 1000)
             stats.counts["sent"] += 1
             stats.tick("sent", sched)
-            if not await self.write(client, frame, rid):
-                client.pending.pop(str(rid), None)
+            if not await self._issue(
+                client, frame, rid, (ref, "send", chat, msg_key(client.gid, n))
+            ):
                 return
 
     async def history_reader(
         self, client: Client, chat: str, rate: float, phase: float, max_id: int
     ) -> None:
         stats = self.stats
-        interval = 1e9 / rate
-        start, end = stats.start_ns, stats.end_ns
         rng = random.Random(client.gid)
-        n = 0
         low = self.history_limit + 1
-        while True:
-            sched = start + int(phase * 1e9 + n * interval)
-            if sched >= end or self.stopping:
-                return
-            ref = await _wait_until(sched)
-            n += 1
+        async for _, sched, ref in self._timetable(rate, phase):
             rid = client.rid()
             before = rng.randint(low, max_id + 1) if max_id + 1 >= low else max_id + 1
             frame = self.frame(
@@ -458,11 +467,9 @@ class LoadGen:
                 rid,
                 message={"limit": self.history_limit, "before_id": str(before)},
             )
-            client.pending[str(rid)] = (ref, "history", chat, before)
             stats.counts["history_sent"] += 1
             stats.tick("history_sent", sched)
-            if not await self.write(client, frame, rid):
-                client.pending.pop(str(rid), None)
+            if not await self._issue(client, frame, rid, (ref, "history", chat, before)):
                 return
 
     # ---- phases
