@@ -119,6 +119,16 @@ def http_status(url: str, timeout: float = 1.0) -> int | None:
         return None
 
 
+def readyz(proc: Proc) -> int | None:
+    """The HTTP status of a server process's ``/readyz`` (None: no answer)."""
+    return http_status(f"http://127.0.0.1:{proc.extra['port']}/readyz")
+
+
+def ws_urls(procs: list[Proc]) -> list[str]:
+    """The WebSocket endpoint of each server process."""
+    return [f"ws://127.0.0.1:{p.extra['port']}/ws" for p in procs]
+
+
 def tcp_open(port: int) -> bool:
     import socket
 
@@ -252,24 +262,14 @@ class Target:
             proc = self.sup.spawn(f"gateway-{i}", "gateway", [PYTHON, "-m", "gateway"], env)
             proc.extra["port"] = port
             gateways.append(proc)
-        wait_ready(
-            gateways,
-            lambda p: http_status(f"http://127.0.0.1:{p.extra['port']}/readyz") == 200,
-            "gateway /readyz",
-            args.ready_timeout,
-        )
+        wait_ready(gateways, lambda p: readyz(p) == 200, "gateway /readyz", args.ready_timeout)
         # Workers: any HTTP answer on their port (health endpoint), and still running.
         with contextlib.suppress(SetupFailed):
-            wait_ready(
-                workers,
-                lambda p: http_status(f"http://127.0.0.1:{p.extra['port']}/readyz") is not None,
-                "worker HTTP",
-                10,
-            )
+            wait_ready(workers, lambda p: readyz(p) is not None, "worker HTTP", 10)
         for proc in workers:
             if not proc.alive():
                 raise SetupFailed(f"{proc.name} exited; its log:\n{tail(proc.log_path)}")
-        self.urls = [f"ws://127.0.0.1:{p.extra['port']}/ws" for p in gateways]
+        self.urls = ws_urls(gateways)
 
     def start_socketio(self) -> None:
         from deploy.local.servers import free_port
@@ -283,13 +283,8 @@ class Target:
             )
             proc.extra["port"] = port
             procs.append(proc)
-        wait_ready(
-            procs,
-            lambda p: http_status(f"http://127.0.0.1:{p.extra['port']}/readyz") == 200,
-            "socketio peer",
-            self.args.ready_timeout,
-        )
-        self.urls = [f"ws://127.0.0.1:{p.extra['port']}/ws" for p in procs]
+        wait_ready(procs, lambda p: readyz(p) == 200, "socketio peer", self.args.ready_timeout)
+        self.urls = ws_urls(procs)
         self.notes.append(
             "python-socketio AsyncServer + AsyncRedisManager on aiohttp, "
             f"{len(procs)} processes, stdlib json; acks return after the Redis publish"
@@ -321,7 +316,7 @@ class Target:
         wait_ready(
             procs, lambda p: tcp_open(p.extra["port"]), "channels peer", self.args.ready_timeout
         )
-        self.urls = [f"ws://127.0.0.1:{p.extra['port']}/ws" for p in procs]
+        self.urls = ws_urls(procs)
         layer = (
             "RedisPubSubChannelLayer"
             if self.args.channels_layer == "pubsub"
@@ -343,13 +338,8 @@ class Target:
             {"PORT": str(port), "HOST": "127.0.0.1"},
         )
         proc.extra["port"] = port
-        wait_ready(
-            [proc],
-            lambda p: http_status(f"http://127.0.0.1:{port}/readyz") == 200,
-            "aiohttp peer",
-            self.args.ready_timeout,
-        )
-        self.urls = [f"ws://127.0.0.1:{port}/ws"]
+        wait_ready([proc], lambda p: readyz(p) == 200, "aiohttp peer", self.args.ready_timeout)
+        self.urls = ws_urls([proc])
         self.notes.append(
             "one aiohttp process, in-memory rooms, orjson, no Redis (the Python ceiling)"
         )
