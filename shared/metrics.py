@@ -173,7 +173,8 @@ class WorkerMetrics:
         )
         self.auth_cache = Counter(
             "chat_worker_auth_cache",
-            "Token and membership cache look-ups, by result (hit|miss).",
+            "Token and membership cache look-ups, by result (hit|miss), and entries read "
+            "again before they expired (refreshed).",
             ["result"],
             registry=r,
         )
@@ -242,7 +243,7 @@ def prime_worker(metrics: WorkerMetrics) -> None:
     for event in sorted(protocol.EVENTS):
         for result in protocol.REPLY_TYPES:
             metrics.events.labels(event, result)
-    for result in ("hit", "miss"):
+    for result in ("hit", "miss", "refreshed"):
         metrics.auth_cache.labels(result)
     for cause in ("stale_owner", "redis", "mongo"):
         metrics.retries.labels(cause)

@@ -118,9 +118,8 @@ async def _consumer_ctx(app: web.Application) -> AsyncIterator[None]:
         backoff_cap=settings.retry_backoff_max,
     )
     counters = Counters(store)
-    processor = Processor(
-        store, Authenticator(store, settings.auth_cache_ttl, metrics), counters, metrics
-    )
+    auth = Authenticator(store, settings.auth_cache_ttl, metrics)
+    processor = Processor(store, auth, counters, metrics)
     consumer = _ConsumerCountingReconnects(
         reconnects.labels(REDIS_COMPONENT_STREAMS).inc,
         redis,
@@ -143,6 +142,7 @@ async def _consumer_ctx(app: web.Application) -> AsyncIterator[None]:
         "leases": asyncio.create_task(partitions.run(), name="leases"),
         "consumer": asyncio.create_task(_after(indexes, consumer.run()), name="consumer"),
         "mongo_ping": asyncio.create_task(_ping_mongo(app), name="mongo-ping"),
+        "auth_refresh": asyncio.create_task(auth.run_refresh(), name="auth-refresh"),
     }
     log.info("worker started", extra={"node": settings.node_id})
     yield

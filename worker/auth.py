@@ -3,18 +3,29 @@
 Unknown tokens and chats are cached too (as absent), so a flood of wrong tokens costs
 one query per distinct value per TTL. Revoking a token or removing a member takes
 effect within the TTL.
+
+Entries in use are read again before they expire (:meth:`Authenticator.run_refresh`),
+in bulk and off the batch path: without it every hot token and chat expires once per
+TTL inside some batch, which then waits for two or three extra MongoDB round trips
+(at 3,000 sends/s over 1,000 users, 240 misses a second, in a third of all batches).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from shared.backoff import Backoff
+from shared.logs import describe_error
 from shared.metrics import WorkerMetrics
 
 from .store import Store
+
+log = logging.getLogger(__name__)
 
 V = TypeVar("V")
 
@@ -34,44 +45,106 @@ class Identity:
 
 
 class TTLCache(Generic[V]):
-    """A dict with per-entry expiry and a size bound (oldest entries go first)."""
+    """A dict with per-entry expiry and a size bound (oldest entries go first).
+
+    It also remembers which keys were found since :meth:`due` was last called, so that
+    the ones still in use can be read again before they expire.
+    """
 
     def __init__(self, ttl: float, max_entries: int) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
         self._data: dict[str, tuple[float, V | None]] = {}
+        self._used: set[str] = set()  # bounded by _data: only keys found in it
 
     def get(self, key: str, now: float) -> tuple[bool, V | None]:
         """(found, value); an expired entry is not found."""
         hit = self._data.get(key)
         if hit is None or hit[0] < now:
             return False, None
+        self._used.add(key)
         return True, hit[1]
 
     def put(self, key: str, value: V | None, now: float) -> None:
-        """Store ``value`` (None caches an absence)."""
+        """Store ``value`` (None caches an absence), read from the source at or after
+        ``now``: it expires at ``now + ttl``."""
         self._data.pop(key, None)
         if len(self._data) >= self.max_entries:
             # Drop the oldest tenth at once rather than one entry per insert.
             for stale in list(self._data)[: max(1, self.max_entries // 10)]:
                 del self._data[stale]
+                self._used.discard(stale)
         self._data[key] = (now + self.ttl, value)
+
+    def due(self, now: float, within: float) -> list[str]:
+        """Keys found since the last call that expire within ``within`` seconds (and have
+        not yet); forgets which keys were found. Keys nobody asked for meanwhile are
+        left to expire."""
+        due = []
+        for key in self._used:
+            hit = self._data.get(key)
+            if hit is not None and now <= hit[0] <= now + within:
+                due.append(key)
+        self._used.clear()
+        return due
 
     def clear(self) -> None:
         """Forget everything."""
         self._data.clear()
+        self._used.clear()
 
 
 class Authenticator:
     """Resolves token digests to identities and chat ids to member sets."""
 
     def __init__(
-        self, store: Store, ttl: float, metrics: WorkerMetrics, max_entries: int = 200_000
+        self,
+        store: Store,
+        ttl: float,
+        metrics: WorkerMetrics,
+        max_entries: int = 200_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        self.ttl = ttl
         self.metrics = metrics
+        self.clock = clock
         self.identities: TTLCache[Identity] = TTLCache(ttl, max_entries)
         self.members: TTLCache[frozenset[str]] = TTLCache(ttl, max_entries)
+
+    async def run_refresh(self) -> None:
+        """Every quarter TTL, read again the entries in use that expire within half a
+        TTL, until cancelled: a key in steady use is never missed inside a batch."""
+        backoff = Backoff(cap=self.ttl)
+        while True:
+            await asyncio.sleep(self.ttl / 4)
+            try:
+                await self.refresh(within=self.ttl / 2)
+                backoff.reset()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Nothing is lost: the entries expire and batches load them as misses.
+                log.warning("auth cache refresh failed", extra={"error": describe_error(exc)})
+                await backoff.sleep()
+
+    async def refresh(self, within: float) -> int:
+        """Read again the entries in use that expire within ``within`` seconds; returns
+        how many were read."""
+        now = self.clock()
+        tokens = self.identities.due(now, within)
+        chats = self.members.due(now, within)
+        for cache, keys, load in (
+            (self.identities, tokens, self._load_identities),
+            (self.members, chats, self._load_members),
+        ):
+            if not keys:
+                continue
+            loaded: dict[str, Any] = await load(keys)
+            for key in keys:
+                cache.put(key, loaded.get(key), now)
+            self.metrics.auth_cache.labels("refreshed").inc(len(keys))
+        return len(tokens) + len(chats)
 
     async def identities_for(self, digests: Iterable[str]) -> dict[str, Identity | None]:
         """Identity (or None) for each digest."""
@@ -87,7 +160,7 @@ class Authenticator:
         keys: Iterable[str],
         load: Callable[[list[str]], Awaitable[dict[str, V]]],
     ) -> dict[str, V | None]:
-        now = time.monotonic()
+        now = self.clock()
         found: dict[str, V | None] = {}
         missing: list[str] = []
         for key in set(keys):

@@ -1,0 +1,124 @@
+"""The worker's token and membership cache: expiry, and reading entries in use again
+before they expire (against a real MongoDB; the clock is a plain variable)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from shared.codec import token_digest
+from shared.config import Settings
+from shared.metrics import WorkerMetrics
+from tests.support import Seeder, mongo_store
+from worker.auth import Authenticator, TTLCache
+
+TTL = 10.0
+
+
+class Clock:
+    """Monotonic seconds that only move when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_due_lists_keys_in_use_that_expire_soon() -> None:
+    cache: TTLCache[str] = TTLCache(ttl=TTL, max_entries=100)
+    for key in ("hot", "cold", "late"):
+        cache.put(key, key.upper(), now=0.0)
+    cache.put("late", "LATE", now=4.0)  # expires at 14
+    assert cache.get("hot", 1.0) == (True, "HOT")
+    assert cache.get("late", 1.0) == (True, "LATE")
+    # Expiring within 5 s of t=6: "hot" (10) only; "late" (14) not yet, "cold" unused.
+    assert cache.due(6.0, 5.0) == ["hot"]
+    # Which keys were used is forgotten: nothing is due until they are used again.
+    assert cache.due(6.0, 5.0) == []
+    assert cache.get("late", 7.0) == (True, "LATE")
+    assert cache.due(9.5, 5.0) == ["late"]
+    # An expired entry is neither found nor due.
+    assert cache.get("hot", 10.5) == (False, None)
+    cache.get("late", 13.0)
+    assert cache.due(14.5, 5.0) == []
+
+
+def test_eviction_forgets_use() -> None:
+    cache: TTLCache[int] = TTLCache(ttl=TTL, max_entries=10)
+    for n in range(10):
+        cache.put(str(n), n, now=0.0)
+        cache.get(str(n), 0.0)
+    cache.put("new", 10, now=0.0)  # drops the oldest tenth: "0"
+    assert cache.get("0", 0.0) == (False, None)
+    assert sorted(cache.due(0.0, TTL)) == [str(n) for n in range(1, 10)]
+
+
+@pytest.fixture
+async def auth(settings: Settings, seed: Seeder) -> AsyncIterator[tuple[Authenticator, Clock]]:
+    client, store = await mongo_store(settings)
+    clock = Clock()
+    metrics = WorkerMetrics(CollectorRegistry())
+    try:
+        yield Authenticator(store, TTL, metrics, clock=clock), clock
+    finally:
+        await client.close()
+
+
+def _count(authenticator: Authenticator, result: str) -> float:
+    value = authenticator.metrics.registry.get_sample_value(
+        "chat_worker_auth_cache_total", {"result": result}
+    )
+    return value or 0.0
+
+
+async def test_refresh_keeps_entries_in_use_from_expiring(
+    auth: tuple[Authenticator, Clock], seed: Seeder
+) -> None:
+    authenticator, clock = auth
+    user, token = await seed.user()
+    _, idle_token = await seed.user()
+    chat = await seed.chat(user)
+    digest, idle = token_digest(token), token_digest(idle_token)
+
+    identity = (await authenticator.identities_for([digest, idle]))[digest]
+    assert identity is not None and identity.user_id == user
+    assert (await authenticator.members_of([chat]))[chat] == frozenset({user})
+    assert _count(authenticator, "miss") == 3
+
+    clock.now += 0.6 * TTL  # in the refresh window; only the token and chat are used
+    await authenticator.identities_for([digest])
+    await authenticator.members_of([chat])
+    # The store changes: the token is revoked, the user leaves the chat.
+    await seed.store.tokens.delete_one({"_id": digest})
+    await seed.store.chats.update_one({"_id": chat}, {"$pull": {"member_ids": user}})
+    assert await authenticator.refresh(within=TTL / 2) == 2
+    assert _count(authenticator, "refreshed") == 2
+
+    # Past the first load's expiry: the entries in use are found without a MongoDB
+    # read, and they say what the store says now; the unused one expired.
+    clock.now += 0.5 * TTL
+    assert (await authenticator.identities_for([digest]))[digest] is None
+    assert (await authenticator.members_of([chat]))[chat] == frozenset()
+    assert _count(authenticator, "miss") == 3
+    assert (await authenticator.identities_for([idle]))[idle] is not None
+    assert _count(authenticator, "miss") == 4
+
+
+async def test_refresh_never_extends_an_entry_past_its_ttl(
+    auth: tuple[Authenticator, Clock], seed: Seeder
+) -> None:
+    authenticator, clock = auth
+    _, token = await seed.user()
+    digest = token_digest(token)
+    await authenticator.identities_for([digest])
+    clock.now += 0.2 * TTL
+    await authenticator.identities_for([digest])
+    # Not within half a TTL of expiring: nothing is read, the entry keeps its expiry.
+    assert await authenticator.refresh(within=TTL / 2) == 0
+    await seed.store.tokens.delete_one({"_id": digest})
+    clock.now += 0.85 * TTL  # past the first load's expiry
+    assert (await authenticator.identities_for([digest]))[digest] is None
+    assert _count(authenticator, "miss") == 2
