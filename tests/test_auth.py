@@ -12,6 +12,7 @@ from shared.codec import token_digest
 from shared.config import Settings
 from shared.metrics import WorkerMetrics
 from tests.support import Seeder, mongo_store
+from worker import auth as auth_module
 from worker.auth import Authenticator, TTLCache
 
 TTL = 10.0
@@ -122,3 +123,19 @@ async def test_refresh_never_extends_an_entry_past_its_ttl(
     clock.now += 0.85 * TTL  # past the first load's expiry
     assert (await authenticator.identities_for([digest]))[digest] is None
     assert _count(authenticator, "miss") == 2
+
+
+async def test_refresh_reads_many_keys_in_slices(
+    auth: tuple[Authenticator, Clock], seed: Seeder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    authenticator, clock = auth
+    monkeypatch.setattr(auth_module, "REFRESH_SLICE", 2)
+    digests = [token_digest((await seed.user())[1]) for _ in range(5)]
+    await authenticator.identities_for(digests)
+    clock.now += 0.6 * TTL
+    await authenticator.identities_for(digests)
+    assert await authenticator.refresh(within=TTL / 2) == 5
+    clock.now += 0.5 * TTL
+    found = await authenticator.identities_for(digests)
+    assert all(found[d] is not None for d in digests)
+    assert _count(authenticator, "miss") == 5

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 V = TypeVar("V")
 
+# Keys read again per query by the refresher.
+REFRESH_SLICE = 1000
+
 
 @dataclass(frozen=True, slots=True)
 class Identity:
@@ -138,12 +141,13 @@ class Authenticator:
             (self.identities, tokens, self._load_identities),
             (self.members, chats, self._load_members),
         ):
-            if not keys:
-                continue
-            loaded: dict[str, Any] = await load(keys)
-            for key in keys:
-                cache.put(key, loaded.get(key), now)
-            self.metrics.auth_cache.labels("refreshed").inc(len(keys))
+            # In slices: one ``$in`` query over every key in use could pass BSON's 16 MB.
+            for start in range(0, len(keys), REFRESH_SLICE):
+                part = keys[start : start + REFRESH_SLICE]
+                loaded: dict[str, Any] = await load(part)
+                for key in part:
+                    cache.put(key, loaded.get(key), now)
+                self.metrics.auth_cache.labels("refreshed").inc(len(part))
         return len(tokens) + len(chats)
 
     async def identities_for(self, digests: Iterable[str]) -> dict[str, Identity | None]:
