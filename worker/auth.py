@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -79,6 +79,15 @@ class TTLCache(Generic[V]):
                 self._used.discard(stale)
         self._data[key] = (now + self.ttl, value)
 
+    def fill(self, keys: Iterable[str], loaded: Mapping[str, V], now: float) -> dict[str, V | None]:
+        """Store what was read for ``keys`` at or after ``now``; a key absent from
+        ``loaded`` is cached as absent. Returns the stored values."""
+        values: dict[str, V | None] = {}
+        for key in keys:
+            values[key] = value = loaded.get(key)
+            self.put(key, value, now)
+        return values
+
     def due(self, now: float, within: float) -> list[str]:
         """Keys found since the last call that expire within ``within`` seconds (and have
         not yet); forgets which keys were found. Keys nobody asked for meanwhile are
@@ -137,18 +146,22 @@ class Authenticator:
         now = self.clock()
         tokens = self.identities.due(now, within)
         chats = self.members.due(now, within)
-        for cache, keys, load in (
-            (self.identities, tokens, self._load_identities),
-            (self.members, chats, self._load_members),
-        ):
-            # In slices: one ``$in`` query over every key in use could pass BSON's 16 MB.
-            for start in range(0, len(keys), REFRESH_SLICE):
-                part = keys[start : start + REFRESH_SLICE]
-                loaded: dict[str, Any] = await load(part)
-                for key in part:
-                    cache.put(key, loaded.get(key), now)
-                self.metrics.auth_cache.labels("refreshed").inc(len(part))
+        await self._reload(self.identities, tokens, self._load_identities, now)
+        await self._reload(self.members, chats, self._load_members, now)
         return len(tokens) + len(chats)
+
+    async def _reload(
+        self,
+        cache: TTLCache[V],
+        keys: list[str],
+        load: Callable[[list[str]], Awaitable[dict[str, V]]],
+        now: float,
+    ) -> None:
+        # In slices: one ``$in`` query over every key in use could pass BSON's 16 MB.
+        for start in range(0, len(keys), REFRESH_SLICE):
+            part = keys[start : start + REFRESH_SLICE]
+            cache.fill(part, await load(part), now)
+            self.metrics.auth_cache.labels("refreshed").inc(len(part))
 
     async def identities_for(self, digests: Iterable[str]) -> dict[str, Identity | None]:
         """Identity (or None) for each digest."""
@@ -177,11 +190,7 @@ class Authenticator:
             self.metrics.auth_cache.labels("hit").inc(len(found))
         if missing:
             self.metrics.auth_cache.labels("miss").inc(len(missing))
-            loaded = await load(missing)
-            for key in missing:
-                value = loaded.get(key)
-                cache.put(key, value, now)
-                found[key] = value
+            found.update(cache.fill(missing, await load(missing), now))
         return found
 
     async def _load_identities(self, digests: list[str]) -> dict[str, Identity]:
