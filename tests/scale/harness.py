@@ -33,6 +33,7 @@ from typing import Any
 
 from tests.scale import report as reporting
 from tests.scale.common import merge_encoded, raise_nofile, summarize
+from tests.scale.goals import FD_RESERVE, step_ok
 from tests.scale.procs import ROOT, Proc, Supervisor, machine_busy_seconds
 from tests.scale.verify import verify
 from tests.scale.workloads import (
@@ -456,7 +457,6 @@ def cpu_by_kind(
     return {k: round(v, 3) for k, v in out.items()}
 
 
-FD_RESERVE = 256  # descriptors a process needs besides its sockets
 PORTS_PER_SOURCE = 25_000  # below the default ephemeral range (32768-60999)
 
 
@@ -858,31 +858,6 @@ def sweep_rates(args: argparse.Namespace, base: float) -> list[float]:
     return rates
 
 
-def step_ok(step: dict[str, Any], slo_ms: float) -> tuple[bool, str]:
-    """Whether a sweep step is sustainable, and why not."""
-    lat = step["latency_ms"]
-    if not step["passed"]:
-        return False, "integrity: " + ",".join(step["verification"]["failures"])
-    for name in ("send_reply", "delivery"):
-        p99 = lat[name]["p99"]
-        if p99 is not None and p99 > slo_ms:
-            why = f"{name} p99 {p99:g} ms > {slo_ms:g} ms"
-            lag = lat["send_lag"]["p99"]
-            if lag is not None and lag > slo_ms / 5:
-                # The generator itself wrote its sends late: on a shared 2-core machine the
-                # limit may be the machine (or the generator), not the server alone.
-                why += f" (load generator lagging too: send_lag p99 {lag:g} ms)"
-            return False, why
-    errors = sum(step["errors"].values())
-    sent = max(1, step["counts"].get("sent", 0))
-    if errors / sent > 0.001:
-        return False, f"{errors} error replies ({100 * errors / sent:.2f}% of sends)"
-    offered = step["offered_send_rate"]
-    if offered and step["achieved"]["acked_per_s"] < 0.95 * offered:
-        return False, f"acked {step['achieved']['acked_per_s']}/s < 95% of offered {offered:g}/s"
-    return True, "ok"
-
-
 def run_target(
     name: str, args: argparse.Namespace, run_dir: Path, report_dir: Path
 ) -> dict[str, Any]:
@@ -1042,9 +1017,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--idle-sockets", type=int, default=2000, help="idle: sockets per server process"
     )
     p.add_argument("--idle-no-join", action="store_true", help="idle: connect only, join no chat")
-    p.add_argument("--history-prefill", type=int, default=20000)
+    p.add_argument("--history-prefill", type=int, default=1_000_000)
     p.add_argument("--history-readers", type=int, default=20)
-    p.add_argument("--history-rate", type=float, default=200.0)
+    p.add_argument("--history-rate", type=float, default=500.0)
     p.add_argument("--history-writers", type=int, default=200)
     p.add_argument("--sweep-of", choices=("chat", "rooms"), default="chat")
     p.add_argument(

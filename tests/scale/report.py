@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from tests.scale import goals
+
 LAT_KEYS = ("p50", "p90", "p99", "p99_9", "max")
 
 
@@ -35,6 +37,13 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def _fd_hard_limit() -> int:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 1 << 30 if hard == resource.RLIM_INFINITY else int(hard)
 
 
 def _machine() -> dict[str, Any]:
@@ -136,6 +145,9 @@ def build(
         report["sustainable_send_rate"] = {
             r["target"]: r.get("sustainable_send_rate") for r in results
         }
+    report["goals"] = goals.evaluate(
+        workload, vars(args), results, report["machine"]["cpus"] or 1, _fd_hard_limit()
+    )
     judged = [r for r in results if r["target"] == "ours"] or results
     report["passed"] = bool(judged) and all(r.get("passed") for r in judged)
     report["verdict_basis"] = (
@@ -270,6 +282,22 @@ def markdown(report: dict[str, Any]) -> str:
                     "",
                     f"FAILED checks: {v['failures']}; examples: `{json.dumps(v['examples'])[:1500]}`",
                 ]
+        lines.append("")
+    if report.get("goals"):
+        lines += [
+            "## Goals",
+            "",
+            "The project's published goals this workload can show (2 cores, loadgen on the "
+            "same box), judged on ours:",
+            "",
+            "| goal | status | measured | by how much | what bounds it |",
+            "|---|---|---|---|---|",
+        ]
+        for g in report["goals"]:
+            lines.append(
+                f"| {g['goal']} | **{g['status']}** | {g['measured']} | {g['gap'] or '-'} | "
+                f"{g['bound'] or '-'} |"
+            )
         lines.append("")
     rat = report.get("ratios_ours_over_peer")
     if rat:
@@ -489,6 +517,9 @@ def summary(report: dict[str, Any], out_dir: Path) -> str:
                     f"server CPU/delivery x{_fmt(row['server_us_per_delivery'])}, "
                     f"RSS/socket x{_fmt(row['rss_kb_per_connection'])}"
                 )
+    for g in report.get("goals", []):
+        gap = f" - {g['gap']}" if g["gap"] else ""
+        lines.append(f"goal {g['status'].upper()}: {g['goal']}: {g['measured']}{gap}")
     lines.append(f"report: {out_dir}/report.md (json, chart.png beside it)")
     lines.append(f"repeat: {report['command']}")
     return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""The report's goal verdicts, on hand-made steps (pure functions, no servers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.scale import goals
+
+
+def _lat(p50: float | None, p99: float | None) -> dict[str, Any]:
+    return {"count": 1 if p50 is not None else 0, "p50": p50, "p99": p99}
+
+
+def _step(
+    offered: float,
+    *,
+    acked: float | None = None,
+    p50: float = 2.0,
+    p99: float = 10.0,
+    passed: bool = True,
+    members: int = 4,
+    history: tuple[float, float, float] | None = None,
+    cores: tuple[float, float] = (1.4, 0.4),
+    sockets: int = 1000,
+    kib: float = 15.5,
+) -> dict[str, Any]:
+    acked = offered if acked is None else acked
+    server, loadgen = cores
+    return {
+        "offered_send_rate": offered,
+        "offered_deliveries_per_s": offered * members,
+        "offered_history_rate": history[0] if history else 0.0,
+        "duration_s": 10.0,
+        "sockets_connected": sockets,
+        "passed": passed,
+        "achieved": {"acked_per_s": acked, "deliveries_per_s": acked * members},
+        "counts": {"sent": int(offered * 10)},
+        "errors": {},
+        "latency_ms": {
+            "send_reply": _lat(p50, p99),
+            "delivery": _lat(p50, p99),
+            "history_reply": _lat(*(history[1:] if history else (None, None))),
+            "send_lag": _lat(0.01, 0.5),
+        },
+        "cpu": {"server_cores": server, "loadgen_cores": loadgen, "other_cores": 0.02},
+        "cpu_s_window": {"gateway": server * 6, "worker": server * 4, "loadgen": loadgen * 10},
+        "memory": {"rss_kb_per_connection": {"gateway": kib}},
+        "verification": {"failures": [] if passed else ["lost_deliveries"]},
+    }
+
+
+def _ours(*steps: dict[str, Any], target: str = "ours") -> dict[str, Any]:
+    return {"target": target, "steps": list(steps)}
+
+
+def _by_goal(verdicts: list[dict[str, str]], prefix: str) -> dict[str, str]:
+    (hit,) = [v for v in verdicts if v["goal"].startswith(prefix)]
+    return hit
+
+
+def test_chat_sweep_short_of_the_goal_says_by_how_much_and_what_bound_it() -> None:
+    steps = [_step(3000, p50=4.0, p99=30.0), _step(4500, acked=4400, p50=20.0, p99=95.0)]
+    verdicts = goals.evaluate("chat", {}, [_ours(*steps)], 2, 20_000)
+    rate = _by_goal(verdicts, "chat: >=")
+    assert rate["status"] == goals.NOT_MET
+    assert "3,000 sends/s sustained" in rate["measured"]
+    assert "at 4500/s: send_reply p99 95 ms > 50 ms" in rate["measured"]
+    assert rate["gap"].startswith("50 % of the goal (3,000 sends/s short)")
+    assert rate["bound"].startswith("CPU-bound: the 2 cores were 91 % busy")
+    half = _by_goal(verdicts, "chat at 3,000")
+    assert half["status"] == goals.NOT_MET
+    assert "p50 1.00 ms over" in half["gap"] and "p99 15.00 ms over (2.00x)" in half["gap"]
+
+
+def test_chat_met_and_untested_goals() -> None:
+    met = goals.evaluate("chat", {}, [_ours(_step(3000, p50=2.5, p99=12.0), _step(6000))], 2, 1)
+    assert [v["status"] for v in met] == [goals.MET, goals.MET]
+    low = goals.evaluate("chat", {}, [_ours(_step(500))], 2, 1)
+    assert [v["status"] for v in low] == [goals.NOT_TESTED, goals.NOT_TESTED]
+    assert "--sweep-rates 3000,4500,6000" in low[0]["bound"]
+    # A loss fails the rate goal even below it, and the latency goal at that rate.
+    lossy = goals.evaluate("chat", {}, [_ours(_step(3000, passed=False))], 2, 1)
+    assert lossy[0]["status"] == goals.NOT_MET and "integrity" in lossy[0]["measured"]
+    assert lossy[1]["status"] == goals.NOT_MET and "verification" in lossy[1]["measured"]
+
+
+def test_rooms_against_peers() -> None:
+    ours = _ours(_step(150, members=199, p99=20.0), _step(302, members=199, p99=33.0))
+    peer = _ours(
+        _step(25, members=199, p99=40.0), _step(50, members=199, p99=120.0), target="socketio"
+    )
+    verdicts = goals.evaluate("rooms", {"slo_p99_ms": 50.0}, [ours, peer], 2, 1)
+    assert _by_goal(verdicts, "rooms: >= 60")["status"] == goals.MET
+    ratio = _by_goal(verdicts, "rooms: >= 3x")
+    assert ratio["status"] == goals.MET and "(12.1x)" in ratio["measured"]
+    # The peer never failed a step: its limit is unknown, so no ratio is claimed.
+    easy_peer = _ours(_step(25, members=199, p99=40.0), target="socketio")
+    verdicts = goals.evaluate("rooms", {"slo_p99_ms": 50.0}, [ours, easy_peer], 2, 1)
+    assert _by_goal(verdicts, "rooms: >= 3x")["status"] == goals.NOT_TESTED
+    alone = goals.evaluate("rooms", {"slo_p99_ms": 50.0}, [_ours(_step(100, members=199))], 2, 1)
+    assert _by_goal(alone, "rooms: >= 60")["status"] == goals.NOT_TESTED
+    assert _by_goal(alone, "rooms: >= 3x")["status"] == goals.NOT_TESTED
+
+
+def test_idle_blocked_by_the_descriptor_limit_and_memory_judged() -> None:
+    step = _step(0, sockets=39_000, kib=15.5)
+    verdicts = goals.evaluate("idle", {"gateways": 2}, [_ours(step)], 2, 20_000)
+    count = _by_goal(verdicts, "idle: >= 50,000")
+    assert count["status"] == goals.BLOCKED and "hard limit is 20,000" in count["bound"]
+    assert _by_goal(verdicts, "idle: <= 16")["status"] == goals.MET
+    roomy = goals.evaluate("idle", {"gateways": 1}, [_ours(_step(0, kib=17.0))], 2, 1 << 20)
+    assert _by_goal(roomy, "idle: >= 50,000")["status"] == goals.NOT_TESTED
+    fat = _by_goal(roomy, "idle: <= 16")
+    assert fat["status"] == goals.NOT_MET and fat["gap"] == "1.0 KiB over (1.06x)"
+
+
+def test_history_judged_only_at_the_goals_rate_and_chat_size() -> None:
+    step = _step(100, history=(500.0, 2.7, 8.4), cores=(0.96, 0.12))
+    verdict = goals.evaluate("history", {"history_prefill": 1_000_000}, [_ours(step)], 2, 1)[0]
+    assert verdict["status"] == goals.NOT_MET
+    assert verdict["gap"] == "p50 0.70 ms over (1.35x)"
+    assert verdict["bound"].startswith("not CPU-saturated: the 2 cores were 55 % busy")
+    assert "cores by process kind: gateway 0.58, worker 0.38, loadgen 0.12" in verdict["bound"]
+    small = goals.evaluate("history", {"history_prefill": 20_000}, [_ours(step)], 2, 1)[0]
+    assert small["status"] == goals.NOT_TESTED
+    fast = _step(100, history=(500.0, 1.8, 9.0))
+    ok = goals.evaluate("history", {"history_prefill": 1_000_000}, [_ours(fast)], 2, 1)[0]
+    assert ok["status"] == goals.MET
+
+
+def test_no_verdicts_without_ours() -> None:
+    assert goals.evaluate("chat", {}, [_ours(_step(100), target="aiohttp")], 2, 1) == []
