@@ -263,6 +263,16 @@ def _rooms(results: list[dict[str, Any]], slo_ms: float, cpus: int) -> list[dict
         )
     p_rate, p_p99, p_name, p_limited = max(peer_best)
     measured = f"ours {rate:,.0f}/s, best peer {p_name} {p_rate:,.0f}/s (p99 {p_p99:g} ms)"
+    if not p_rate:
+        out.append(
+            _verdict(
+                goal,
+                NOT_TESTED,
+                f"no peer sustained even the lowest step ({steps[0]['offered_send_rate']:g} sends/s)",
+                bound="to test: a sweep that starts where the peers still keep up",
+            )
+        )
+        return out
     if not p_limited:
         out.append(
             _verdict(
