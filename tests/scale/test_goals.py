@@ -85,22 +85,36 @@ def test_chat_met_and_untested_goals() -> None:
 
 
 def test_rooms_against_peers() -> None:
-    ours = _ours(_step(150, members=199, p99=20.0), _step(302, members=199, p99=33.0))
-    peer = _ours(
-        _step(25, members=199, p99=40.0), _step(50, members=199, p99=120.0), target="socketio"
-    )
+    def rooms(*p99_by_rate: tuple[float, float], target: str = "ours") -> dict[str, Any]:
+        return _ours(*(_step(r, members=199, p99=p) for r, p in p99_by_rate), target=target)
+
+    ours = rooms((25, 9.0), (50, 9.0), (302, 33.0))
+    peer = rooms((25, 40.0), (50, 120.0), target="socketio")
     verdicts = goals.evaluate("rooms", {"slo_p99_ms": 50.0}, [ours, peer], 2, 1)
     assert _by_goal(verdicts, "rooms: >= 60")["status"] == goals.MET
     ratio = _by_goal(verdicts, "rooms: >= 3x")
     assert ratio["status"] == goals.MET and "(12.1x)" in ratio["measured"]
+    # Slower than the peer at a load both ran: not met, whatever the ratio.
+    slow = rooms((25, 45.0), (50, 9.0), (302, 33.0))
+    verdict = _by_goal(
+        goals.evaluate("rooms", {"slo_p99_ms": 50.0}, [slow, peer], 2, 1), "rooms: >= 3x"
+    )
+    assert verdict["status"] == goals.NOT_MET
+    assert verdict["gap"] == "at 25 sends/s ours' p99 45 ms > socketio's 40 ms"
+    # Too small a ratio.
+    near = rooms((25, 9.0), (50, 9.0))
+    verdict = _by_goal(
+        goals.evaluate("rooms", {"slo_p99_ms": 50.0}, [near, peer], 2, 1), "rooms: >= 3x"
+    )
+    assert verdict["status"] == goals.NOT_MET and verdict["gap"] == "2.0x of the 3x asked"
     # The peer never failed a step: its limit is unknown, so no ratio is claimed.
-    easy_peer = _ours(_step(25, members=199, p99=40.0), target="socketio")
+    easy_peer = rooms((25, 40.0), target="socketio")
     verdicts = goals.evaluate("rooms", {"slo_p99_ms": 50.0}, [ours, easy_peer], 2, 1)
     assert _by_goal(verdicts, "rooms: >= 3x")["status"] == goals.NOT_TESTED
-    swamped = _ours(_step(150, members=199, p99=90.0), target="socketio")
+    swamped = rooms((25, 90.0), target="socketio")
     verdicts = goals.evaluate("rooms", {"slo_p99_ms": 50.0}, [ours, swamped], 2, 1)
     assert _by_goal(verdicts, "rooms: >= 3x")["status"] == goals.NOT_TESTED
-    alone = goals.evaluate("rooms", {"slo_p99_ms": 50.0}, [_ours(_step(100, members=199))], 2, 1)
+    alone = goals.evaluate("rooms", {"slo_p99_ms": 50.0}, [rooms((100, 9.0))], 2, 1)
     assert _by_goal(alone, "rooms: >= 60")["status"] == goals.NOT_TESTED
     assert _by_goal(alone, "rooms: >= 3x")["status"] == goals.NOT_TESTED
 
