@@ -120,37 +120,66 @@ def _sustained(
     return best, failed, why
 
 
-def _chat(steps: list[dict[str, Any]], cpus: int) -> list[dict[str, str]]:
-    out = []
-    goal = f"chat: >= {CHAT_RATE:,.0f} sends/s stored and delivered, p99 <= {CHAT_P99_MS:g} ms, no loss"
-    best, failed, why = _sustained(steps, CHAT_P99_MS, "acked_per_s")
-    rate = best["achieved"]["acked_per_s"] if best else 0.0
-    measured = f"{rate:,.0f} sends/s sustained" if best else "no step was sustainable"
-    top = max(s["offered_send_rate"] for s in steps)
-    if rate >= CHAT_RATE:
-        out.append(_verdict(goal, MET, measured))
-    elif failed is not None or top >= CHAT_RATE:
-        where = failed or max(steps, key=lambda s: s["offered_send_rate"])
-        reason = f"; at {where['offered_send_rate']:g}/s: {why}" if failed else ""
-        out.append(
-            _verdict(
-                goal,
-                NOT_MET,
-                measured + reason,
-                f"{_pct(rate, CHAT_RATE)} ({CHAT_RATE - rate:,.0f} sends/s short)",
-                load_text(where, cpus),
-            )
-        )
-    else:
-        out.append(
+_OFFERED = {"sends/s": "offered_send_rate", "deliveries/s": "offered_deliveries_per_s"}
+_ACHIEVED = {"sends/s": "acked_per_s", "deliveries/s": "deliveries_per_s"}
+
+
+def _throughput(
+    goal: str,
+    steps: list[dict[str, Any]],
+    slo_ms: float,
+    target: float,
+    unit: str,
+    cpus: int,
+    *,
+    to_test: str,
+) -> tuple[dict[str, str], float, dict[str, Any] | None]:
+    """A sustained-rate goal in ``unit`` ("sends/s" or "deliveries/s"): the verdict, the
+    best sustained rate, and the first step that was not sustainable."""
+    offered, achieved = _OFFERED[unit], _ACHIEVED[unit]
+    best, failed, why = _sustained(steps, slo_ms, achieved)
+    rate = best["achieved"][achieved] if best else 0.0
+    measured = f"{rate:,.0f} {unit} sustained" if best else "no step was sustainable"
+    top = max(s[offered] for s in steps)
+    if rate >= target:
+        return _verdict(goal, MET, measured), rate, failed
+    if failed is None and top < target:
+        return (
             _verdict(
                 goal,
                 NOT_TESTED,
-                f"{measured}; this run offered at most {top:g}/s",
-                bound=f"to test: {REPEAT} --workload sweep --sweep-rates "
-                f"{CHAT_HALF_RATE:.0f},{(CHAT_HALF_RATE + CHAT_RATE) / 2:.0f},{CHAT_RATE:.0f}",
-            )
+                f"{measured}; this run offered at most {top:,.0f} {unit}",
+                bound=f"to test: {REPEAT} {to_test}",
+            ),
+            rate,
+            failed,
         )
+    where = failed or max(steps, key=lambda s: s[offered])
+    reason = f"; at {where[offered]:,.0f} offered {unit}: {why}" if failed else ""
+    verdict = _verdict(
+        goal,
+        NOT_MET,
+        measured + reason,
+        f"{_pct(rate, target)} ({target - rate:,.0f} {unit} short)",
+        load_text(where, cpus),
+    )
+    return verdict, rate, failed
+
+
+def _chat(steps: list[dict[str, Any]], cpus: int) -> list[dict[str, str]]:
+    out = []
+    goal = f"chat: >= {CHAT_RATE:,.0f} sends/s stored and delivered, p99 <= {CHAT_P99_MS:g} ms, no loss"
+    verdict, _, _ = _throughput(
+        goal,
+        steps,
+        CHAT_P99_MS,
+        CHAT_RATE,
+        "sends/s",
+        cpus,
+        to_test="--workload sweep --sweep-rates "
+        f"{CHAT_HALF_RATE:.0f},{(CHAT_HALF_RATE + CHAT_RATE) / 2:.0f},{CHAT_RATE:.0f}",
+    )
+    out.append(verdict)
 
     goal = (
         f"chat at {CHAT_HALF_RATE:,.0f} sends/s: delivery p50 <= {CHAT_HALF_P50_MS:g} ms, "
@@ -205,38 +234,16 @@ def _rooms(results: list[dict[str, Any]], slo_ms: float, cpus: int) -> list[dict
     goal = (
         f"rooms: >= {ROOMS_DELIVERIES:,.0f} deliveries/s sustained (p99 <= {slo_ms:g} ms, no loss)"
     )
-    best, failed, why = _sustained(steps, slo_ms, "deliveries_per_s")
-    rate = best["achieved"]["deliveries_per_s"] if best else 0.0
-    measured = f"{rate:,.0f} deliveries/s sustained" if best else "no step was sustainable"
-    top = max(s["offered_deliveries_per_s"] for s in steps)
-    if rate >= ROOMS_DELIVERIES:
-        out.append(_verdict(goal, MET, measured))
-    elif failed is not None or top >= ROOMS_DELIVERIES:
-        where = failed or max(steps, key=lambda s: s["offered_deliveries_per_s"])
-        reason = (
-            f"; at {where['offered_deliveries_per_s']:g} offered deliveries/s: {why}"
-            if failed
-            else ""
-        )
-        out.append(
-            _verdict(
-                goal,
-                NOT_MET,
-                measured + reason,
-                f"{_pct(rate, ROOMS_DELIVERIES)} ({ROOMS_DELIVERIES - rate:,.0f}/s short)",
-                load_text(where, cpus),
-            )
-        )
-    else:
-        out.append(
-            _verdict(
-                goal,
-                NOT_TESTED,
-                f"{measured}; this run offered at most {top:,.0f} deliveries/s",
-                bound=f"to test: {REPEAT} --workload sweep --sweep-of rooms --sweep-rates "
-                "250,302,350 --loadgen-procs 2",
-            )
-        )
+    verdict, rate, failed = _throughput(
+        goal,
+        steps,
+        slo_ms,
+        ROOMS_DELIVERIES,
+        "deliveries/s",
+        cpus,
+        to_test="--workload sweep --sweep-of rooms --sweep-rates 250,302,350 --loadgen-procs 2",
+    )
+    out.append(verdict)
 
     goal = (
         f"rooms: >= {ROOMS_PEER_FACTOR:g}x the best peer's sustainable deliveries/s, "
