@@ -130,6 +130,12 @@ def raise_nofile() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+def fd_limit() -> int:
+    """Descriptors this process (and a child it starts) may open: the soft limit, which
+    :func:`raise_nofile` has raised as far as the machine allows."""
+    return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 def child_setup() -> None:
     """``preexec_fn`` for every child we start: raised fd limit, dies with its parent."""
     raise_nofile()

@@ -321,24 +321,21 @@ def _rooms(results: list[dict[str, Any]], slo_ms: float, cpus: int) -> list[dict
     return out
 
 
-def _idle(
-    step: dict[str, Any], gateways: int, cpus: int, fd_hard_limit: int
-) -> list[dict[str, str]]:
+def _idle(step: dict[str, Any], gateways: int, cpus: int, max_fds: int) -> list[dict[str, str]]:
     out = []
     per_process = step["sockets_connected"] // max(1, gateways)
     goal = f"idle: >= {IDLE_SOCKETS:,} sockets per gateway process"
     measured = f"{per_process:,} per process ({step['sockets_connected']:,} on {gateways})"
     if per_process >= IDLE_SOCKETS and step["passed"]:
         out.append(_verdict(goal, MET, measured))
-    elif fd_hard_limit < IDLE_SOCKETS + FD_RESERVE:
+    elif max_fds < IDLE_SOCKETS + FD_RESERVE:
         out.append(
             _verdict(
                 goal,
                 BLOCKED,
                 measured,
-                f"at most ~{fd_hard_limit - FD_RESERVE:,} per process can run here",
-                f"RLIMIT_NOFILE's hard limit is {fd_hard_limit:,} (raising it needs "
-                "CAP_SYS_RESOURCE)",
+                f"at most ~{max_fds - FD_RESERVE:,} per process can run here",
+                f"RLIMIT_NOFILE's hard limit is {max_fds:,} (raising it needs CAP_SYS_RESOURCE)",
             )
         )
     else:
@@ -392,9 +389,12 @@ def evaluate(
     params: dict[str, Any],
     results: list[dict[str, Any]],
     cpus: int,
-    fd_hard_limit: int,
+    max_fds: int,
 ) -> list[dict[str, str]]:
-    """The goals this run's workload can show, each judged on ``ours``' steps."""
+    """The goals this run's workload can show, each judged on ``ours``' steps.
+
+    ``max_fds``: descriptors a server process may open here (RLIMIT_NOFILE, which the
+    harness raised to the hard limit)."""
     ours = next((r for r in results if r["target"] == "ours" and r.get("steps")), None)
     if ours is None:
         return []
@@ -404,7 +404,7 @@ def evaluate(
     if base_workload == "rooms":
         return _rooms(results, float(params.get("slo_p99_ms") or CHAT_P99_MS), cpus)
     if base_workload == "idle":
-        return _idle(steps[-1], int(params.get("gateways") or 1), cpus, fd_hard_limit)
+        return _idle(steps[-1], int(params.get("gateways") or 1), cpus, max_fds)
     if base_workload == "history":
         return [_history(steps[-1], params, cpus)]
     return []

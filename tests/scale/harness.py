@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.scale import report as reporting
-from tests.scale.common import merge_encoded, raise_nofile, summarize
+from tests.scale.common import fd_limit, merge_encoded, raise_nofile, summarize
 from tests.scale.goals import FD_RESERVE, step_ok
 from tests.scale.procs import ROOT, Proc, Supervisor, machine_busy_seconds
 from tests.scale.verify import verify
@@ -458,12 +458,6 @@ def cpu_by_kind(
 
 
 PORTS_PER_SOURCE = 25_000  # below the default ephemeral range (32768-60999)
-
-
-def fd_limit() -> int:
-    import resource
-
-    return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 def source_addresses(args: argparse.Namespace, sockets: int, endpoints: int) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.scale import goals
+from tests.scale.common import fd_limit
 
 LAT_KEYS = ("p50", "p90", "p99", "p99_9", "max")
 
@@ -37,13 +38,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def _fd_hard_limit() -> int:
-    import resource
-
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    return 1 << 30 if hard == resource.RLIM_INFINITY else int(hard)
 
 
 def _machine() -> dict[str, Any]:
@@ -146,7 +140,7 @@ def build(
             r["target"]: r.get("sustainable_send_rate") for r in results
         }
     report["goals"] = goals.evaluate(
-        workload, vars(args), results, report["machine"]["cpus"] or 1, _fd_hard_limit()
+        workload, vars(args), results, report["machine"]["cpus"] or 1, fd_limit()
     )
     judged = [r for r in results if r["target"] == "ours"] or results
     report["passed"] = bool(judged) and all(r.get("passed") for r in judged)
