@@ -227,9 +227,9 @@ def _latency(
     return _verdict(goal, NOT_MET, measured, "; ".join(over), load_text(step, cpus))
 
 
-def _rooms(results: list[dict[str, Any]], slo_ms: float, cpus: int) -> list[dict[str, str]]:
-    ours = next(r for r in results if r["target"] == "ours")
-    steps = ours["steps"]
+def _rooms(
+    steps: list[dict[str, Any]], results: list[dict[str, Any]], slo_ms: float, cpus: int
+) -> list[dict[str, str]]:
     out = []
     goal = (
         f"rooms: >= {ROOMS_DELIVERIES:,.0f} deliveries/s sustained (p99 <= {slo_ms:g} ms, no loss)"
@@ -402,7 +402,7 @@ def evaluate(
     if base_workload == "chat":
         return _chat(steps, cpus)
     if base_workload == "rooms":
-        return _rooms(results, float(params.get("slo_p99_ms") or CHAT_P99_MS), cpus)
+        return _rooms(steps, results, float(params.get("slo_p99_ms") or CHAT_P99_MS), cpus)
     if base_workload == "idle":
         return _idle(steps[-1], int(params.get("gateways") or 1), cpus, max_fds)
     if base_workload == "history":
