@@ -171,3 +171,11 @@ def msg_key(gid: int, k: int) -> int:
 def split_key(key: int) -> tuple[int, int]:
     """Inverse of :func:`msg_key`."""
     return key >> 24, key & 0xFFFFFF
+
+
+def with_query(url: str, query: str) -> str:
+    """``url`` with the URI options in ``query`` added (``a=1&b=2``; empty: unchanged)."""
+    query = query.lstrip("?&")
+    if not query:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}{query}"

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.scale import report as reporting
-from tests.scale.common import fd_limit, merge_encoded, raise_nofile, summarize
+from tests.scale.common import fd_limit, merge_encoded, raise_nofile, summarize, with_query
 from tests.scale.goals import FD_RESERVE, step_ok
 from tests.scale.procs import ROOT, Proc, Supervisor, machine_busy_seconds
 from tests.scale.verify import verify
@@ -234,7 +234,7 @@ class Target:
         args = self.args
         base = {
             "REDIS_URL": self.redis_url,
-            "MONGO_URL": self.mongo_url,
+            "MONGO_URL": with_query(self.mongo_url, args.mongo_options),
             "PARTITIONS": str(args.partitions),
             "LOG_LEVEL": args.log_level,
             "REQUEST_TIMEOUT_SECONDS": str(args.request_timeout),
@@ -1037,6 +1037,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="extra env for gateways and workers",
+    )
+    p.add_argument(
+        "--mongo-options",
+        default="",
+        metavar="QUERY",
+        help="URI options for ours' MONGO_URL, e.g. journal=true or w=1&journal=true "
+        "(default: none, i.e. w:1 without waiting for the journal)",
     )
     p.add_argument("--channels-layer", choices=("core", "pubsub"), default="core")
     p.add_argument("--connect-concurrency", type=int, default=64)

@@ -9,8 +9,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from pymongo import MongoClient
+
 from tests.scale import goals
-from tests.scale.common import fd_limit
+from tests.scale.common import fd_limit, with_query
+from worker.store import client_options
 
 LAT_KEYS = ("p50", "p90", "p99", "p99_9", "max")
 
@@ -105,6 +108,22 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     return out
 
 
+def write_concern_note(options: str) -> str:
+    """What ours waited for before it acknowledged a message, as the worker's client says."""
+    url = with_query("mongodb://127.0.0.1/chat", options)
+    client: MongoClient[dict[str, Any]] = MongoClient(url, connect=False, **client_options(url))
+    document = client.write_concern.document
+    client.close()
+    said = ", ".join(f"{k}: {v}" for k, v in document.items()) or "w: 1 (the default)"
+    journaled = document.get("j") is True or document.get("w") == "majority"
+    return (
+        f"Ours acknowledges a message once a standalone mongod stored it with write concern "
+        f"{said}"
+        + ("" if journaled else ": not journaled, so a mongod crash can lose the last ~100 ms")
+        + "."
+    )
+
+
 def build(
     args: argparse.Namespace,
     workload: str,
@@ -128,6 +147,7 @@ def build(
         "notes": [
             "Peers persist nothing, assign no durable ids and check no token; the gateway "
             "authenticates every request, stores every message in MongoDB and assigns per-chat ids.",
+            write_concern_note(getattr(args, "mongo_options", "")),
             "Open loop: latency is measured from each send's scheduled time (no coordinated omission); "
             "send_lag is how late the load generator itself was.",
             "Load generators and servers share the same 2 cores; loadgen CPU is reported separately. "

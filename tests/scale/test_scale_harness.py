@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.scale import report as reporting
 from tests.scale.common import (
     LatencyLog,
     encode_hist,
@@ -23,6 +24,7 @@ from tests.scale.common import (
     record,
     split_key,
     summarize,
+    with_query,
 )
 from tests.scale.verify import verify
 from tests.scale.workloads import chat_workload, rooms_workload, with_rate
@@ -157,6 +159,16 @@ def test_workloads_shape_and_rates() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_report_says_what_ours_waited_for_before_acknowledging() -> None:
+    assert with_query("mongodb://h/chat", "") == "mongodb://h/chat"
+    assert with_query("mongodb://h/chat", "journal=false") == "mongodb://h/chat?journal=false"
+    assert with_query("mongodb://h/chat?a=1", "?w=1") == "mongodb://h/chat?a=1&w=1"
+    assert reporting.write_concern_note("").endswith("write concern j: True.")
+    for weaker in ("journal=false", "w=1"):
+        assert "a mongod crash can lose the last ~100 ms" in reporting.write_concern_note(weaker)
+    assert "lose" not in reporting.write_concern_note("w=majority")
+
+
 def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
     """A 2-second run on the in-memory peer: every process starts, verifies, stops."""
     cmd = [
