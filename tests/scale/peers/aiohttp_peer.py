@@ -9,14 +9,12 @@ Run: ``HOST=127.0.0.1 PORT=8500 python -m tests.scale.peers.aiohttp_peer``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 
 import orjson
 from aiohttp import WSMsgType, web
 
-from tests.scale.common import raise_nofile
+from tests.scale.peers import serve
 from tests.scale.peers.frames import error, message, reply
 
 ROOMS: dict[str, set[web.WebSocketResponse]] = {}
@@ -77,23 +75,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def main() -> None:
-    raise_nofile()
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     app = web.Application()
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/readyz", readyz)
-    web.run_app(
-        app,
-        host=os.environ.get("HOST", "127.0.0.1"),
-        port=int(os.environ["PORT"]),
-        print=None,
-        access_log=None,
-        backlog=4096,
-        shutdown_timeout=2.0,
-    )
+    serve.run(app)
 
 
 if __name__ == "__main__":

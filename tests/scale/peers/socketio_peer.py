@@ -10,15 +10,13 @@ Run: ``REDIS_URL=redis://127.0.0.1:6379/0 PORT=8600 python -m tests.scale.peers.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 from typing import Any
 
 import socketio
 from aiohttp import web
 
-from tests.scale.common import raise_nofile
+from tests.scale.peers import serve
 from tests.scale.peers.frames import message, reply
 
 
@@ -59,20 +57,7 @@ def build() -> web.Application:
 
 
 def main() -> None:
-    raise_nofile()
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    web.run_app(
-        build(),
-        host=os.environ.get("HOST", "127.0.0.1"),
-        port=int(os.environ["PORT"]),
-        print=None,
-        access_log=None,
-        backlog=4096,
-        shutdown_timeout=2.0,
-    )
+    serve.run(build())
 
 
 if __name__ == "__main__":
