@@ -114,7 +114,7 @@ def write_concern_note(options: str) -> str:
     client: MongoClient[dict[str, Any]] = MongoClient(url, connect=False, **client_options(url))
     document = client.write_concern.document
     client.close()
-    said = ", ".join(f"{k}: {v}" for k, v in document.items()) or "w: 1 (the default)"
+    said = ", ".join(f"{k}: {json.dumps(v)}" for k, v in document.items()) or "w: 1 (the default)"
     journaled = document.get("j") is True or document.get("w") == "majority"
     return (
         f"Ours acknowledges a message once a standalone mongod stored it with write concern "

@@ -163,7 +163,7 @@ def test_report_says_what_ours_waited_for_before_acknowledging() -> None:
     assert with_query("mongodb://h/chat", "") == "mongodb://h/chat"
     assert with_query("mongodb://h/chat", "journal=false") == "mongodb://h/chat?journal=false"
     assert with_query("mongodb://h/chat?a=1", "?w=1") == "mongodb://h/chat?a=1&w=1"
-    assert reporting.write_concern_note("").endswith("write concern j: True.")
+    assert reporting.write_concern_note("").endswith("write concern j: true.")
     for weaker in ("journal=false", "w=1"):
         assert "a mongod crash can lose the last ~100 ms" in reporting.write_concern_note(weaker)
     assert "lose" not in reporting.write_concern_note("w=majority")
