@@ -1042,8 +1042,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mongo-options",
         default="",
         metavar="QUERY",
-        help="URI options for ours' MONGO_URL, e.g. journal=true or w=1&journal=true "
-        "(default: none, i.e. w:1 without waiting for the journal)",
+        help="URI options for ours' MONGO_URL, e.g. journal=false to acknowledge before "
+        "the journal flush (default: none, i.e. the worker's write concern, j: true)",
     )
     p.add_argument("--channels-layer", choices=("core", "pubsub"), default="core")
     p.add_argument("--connect-concurrency", type=int, default=64)
