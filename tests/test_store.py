@@ -34,4 +34,5 @@ def test_names_write_concern() -> None:
     assert not names_write_concern("mongodb://h/chat")
     assert not names_write_concern("mongodb://h/chat?wtimeoutMS=100&readPreference=primary")
     assert names_write_concern("mongodb://h/chat?Journal=true")
+    assert names_write_concern("mongodb://h/chat?appname=x;w=1")
     assert names_write_concern("mongodb+srv://u:p@h/chat?retryWrites=true&w=majority")

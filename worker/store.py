@@ -18,6 +18,7 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.uri_parser import split_options
 
 Doc = dict[str, Any]
 
@@ -54,11 +55,13 @@ def client_options(url: str, **kwargs: Any) -> dict[str, Any]:
 
 
 def names_write_concern(url: str) -> bool:
-    """True when the MongoDB URI's options set ``w`` or ``journal`` (names are
-    case-insensitive, as in every MongoDB driver)."""
+    """True when the MongoDB URI's options set ``w`` or ``journal`` (read by PyMongo's
+    own option parser: case-insensitive names, ``&`` or ``;`` between options)."""
     query = url.partition("?")[2]
-    names = {part.partition("=")[0].lower() for part in query.split("&") if part}
-    return bool(names & {"w", "journal"})
+    if not query:
+        return False
+    options = split_options(query)
+    return "w" in options or "journal" in options
 
 
 class Store:
