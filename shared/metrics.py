@@ -149,6 +149,19 @@ class WorkerMetrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.stream_wait_seconds = Histogram(
+            "chat_worker_stream_wait_seconds",
+            "How long new stream entries waited before a worker read them (Redis's clock).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "chat_worker_batch_seconds",
+            "Time from reading a batch to its replies published and its entries "
+            "acknowledged (retries included).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.mongo_seconds = Histogram(
             "chat_worker_mongo_seconds",
             "MongoDB operation latency, by operation.",

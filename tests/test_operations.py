@@ -267,6 +267,10 @@ async def test_metrics_move_with_traffic_and_logs_stay_clean(
     assert dw("chat_worker_events_total", event="get_history", result="token_validation_error") == 1
     assert dw("chat_worker_batch_size_sum") == n + 1  # every stream entry is in one batch
     assert 1 <= dw("chat_worker_batch_size_count") <= n + 1
+    # Each new entry's wait in its stream, each batch's time from read to ack.
+    assert dw("chat_worker_stream_wait_seconds_count") == n + 1
+    assert dw("chat_worker_batch_seconds_count") == dw("chat_worker_batch_size_count")
+    assert dw("chat_worker_batch_seconds_sum") > 0
     assert 1 <= dw("chat_worker_mongo_seconds_count", op="insert") <= n
     assert dw("chat_worker_auth_cache_total", result="hit") >= n
     assert dw("chat_worker_auth_cache_total", result="miss") >= 1  # the unknown token

@@ -26,7 +26,15 @@ from shared.protocol import GET_HISTORY
 from shared.resp import RespConnection, RespError
 
 from .partitions import PartitionManager
-from .processor import AlreadyStored, Counters, Item, Outcome, Processor, StaleOwner
+from .processor import (
+    AlreadyStored,
+    Counters,
+    Item,
+    Outcome,
+    Processor,
+    StaleOwner,
+    entry_stamp_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -234,16 +242,23 @@ class Consumer:
                 items.append(Item(stream, entry_id, partition, entry))
         for stream, ids in dead.items():
             await self.redis.xack(stream, CONSUMER_GROUP, *ids)
+        if start == ">" and items:
+            # Queueing in front of the worker, on the clock that stamped the ids.
+            now_ms = await self.clock.now_ms(self.redis)
+            observe = self.metrics.stream_wait_seconds.observe
+            for item in items:
+                observe(max(0.0, now_ms - entry_stamp_ms(item.entry_id)) / 1000.0)
         return items
 
     async def _handle_read(self, items: list[Item], *, suspect: bool) -> None:
         # XREADGROUP's COUNT is per stream: one read can bring a batch from every owned
         # partition. Handled (and answered) a batch at a time, so replies do not wait
         # for the whole read.
+        read_at = time.monotonic()
         for start in range(0, len(items), self.batch):
-            await self._handle(items[start : start + self.batch], suspect=suspect)
+            await self._handle(items[start : start + self.batch], suspect=suspect, read_at=read_at)
 
-    async def _handle(self, items: list[Item], *, suspect: bool) -> None:
+    async def _handle(self, items: list[Item], *, suspect: bool, read_at: float) -> None:
         """Process, publish, ack; retry with backoff until done or the partitions are lost."""
         backoff = Backoff(cap=self.backoff_cap)
         started = time.monotonic()
@@ -266,6 +281,7 @@ class Consumer:
                     self.mongo_ok = True
                 await self._publish_and_ack(items, outcome)
                 self.redis_ok = True
+                self.metrics.batch_seconds.observe(time.monotonic() - read_at)
                 if outcome.reads:
                     cost = (time.monotonic() - started) * 1000.0 / outcome.reads
                     self.read_cost_ms += COST_SMOOTHING * (cost - self.read_cost_ms)

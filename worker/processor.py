@@ -218,7 +218,7 @@ class Processor:
         # older ones skipped. Sends are never skipped: their outcome is unknown to the
         # client, and a retry with the same client_msg_id must find them stored.
         expiring = sorted(
-            (_stamp_ms(item.entry_id) + item.entry.timeout * 1000.0, n)
+            (entry_stamp_ms(item.entry_id) + item.entry.timeout * 1000.0, n)
             for n, item in enumerate(items)
             if item.entry.timeout and item.entry.event_type == protocol.GET_HISTORY
         )
@@ -441,6 +441,6 @@ def _page_key(entry: StreamEntry) -> PageKey:
     )
 
 
-def _stamp_ms(entry_id: str) -> int:
+def entry_stamp_ms(entry_id: str) -> int:
     """The millisecond part of a stream entry id (Redis's clock when it was added)."""
     return int(entry_id.split("-", 1)[0])
