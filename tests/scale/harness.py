@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.scale import report as reporting
+from tests.scale import server_time
 from tests.scale.common import fd_limit, merge_encoded, raise_nofile, summarize, with_query
 from tests.scale.goals import FD_RESERVE, step_ok
 from tests.scale.procs import ROOT, Proc, Supervisor, machine_busy_seconds
@@ -434,6 +435,22 @@ class Target:
                     with urllib.request.urlopen(url, timeout=2) as resp:
                         (dest / f"metrics-{proc.name}.txt").write_bytes(resp.read())
 
+    def metric_totals(self) -> server_time.Totals | None:
+        """Every gateway's and worker's /metrics, summed (None for a peer, or when one
+        of them did not answer: a partial sum would misattribute time)."""
+        if self.name != "ours":
+            return None
+        texts = []
+        for proc in self.sup.procs:
+            if proc.kind in ("gateway", "worker"):
+                try:
+                    url = f"http://127.0.0.1:{proc.extra['port']}/metrics"
+                    with urllib.request.urlopen(url, timeout=2) as resp:
+                        texts.append(resp.read().decode())
+                except (OSError, ValueError):
+                    return None
+        return server_time.parse(texts)
+
     def close(self) -> None:
         self.sup.close()
         if not self.args.keep_data:
@@ -624,6 +641,7 @@ def run_step(
             proc.popen.stdin.flush()
         time.sleep(max(0.0, (go_ns - time.monotonic_ns()) / 1e9))
         s0 = target.sup.sample()
+        totals0 = target.metric_totals()
         busy0 = machine_busy_seconds()
         self0 = _self_cpu()
         progress = Progress(label, duration)
@@ -648,6 +666,7 @@ def run_step(
                 prev = cur
                 next_sample += 1.0
         s1 = target.sup.sample()
+        totals1 = target.metric_totals()
         busy1 = machine_busy_seconds()
         self1 = _self_cpu()
         progress.update(duration, _sum(latest), force=True)
@@ -789,6 +808,9 @@ def run_step(
             "rss_kb_per_connection_this_step": per_conn,
         },
         "cpu_timeline": samples,
+        "server_time": server_time.window(totals0, totals1, duration, args.workers)
+        if totals0 is not None and totals1 is not None
+        else None,
         "verification": verification,
         "passed": verification["passed"],
         # Other processes used a noticeable share of the 2 cores during the window.

@@ -260,6 +260,13 @@ def markdown(report: dict[str, Any]) -> str:
                 "CPU seconds in the measured window, by process kind: "
                 + json.dumps(last["cpu_s_window"]),
             ]
+            if last.get("server_time"):
+                lines += [
+                    "",
+                    "Time in the servers, means over the measured window from their /metrics "
+                    "(ms; a gateway's request time is frame received -> reply written): "
+                    + json.dumps(last["server_time"]),
+                ]
             lines += [
                 "",
                 "RSS growth per connected socket (KiB): "

@@ -188,3 +188,31 @@ def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
     assert (report_dir / "report.md").exists()
     if importlib.util.find_spec("matplotlib") is not None:
         assert (report_dir / "chart.png").exists()
+
+
+def test_harness_end_to_end_on_ours(tmp_path: Path) -> None:
+    """A 2-second run on the real stack (its own Redis, MongoDB, gateways and worker):
+    verified against MongoDB, and the servers' own account of where the time went."""
+    cmd = [
+        sys.executable, "-m", "tests.scale.harness", "--targets", "ours",
+        "--workload", "chat", "--sockets", "40", "--rate", "40", "--duration", "2",
+        "--drain", "3", "--quiet-wait", "0", "--out", str(tmp_path),
+        "--data-dir", str(tmp_path / "data"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("-chat")]
+    report = json.loads((report_dir / "report.json").read_text())
+    step = report["results"][0]["steps"][0]
+    assert step["verification"]["passed"]
+    assert step["verification"]["stored"] == step["counts"]["acked"] == step["counts"]["sent"] > 0
+    times = step["server_time"]
+    # ~80 sends in the window: each held by a gateway for longer than its stream wait
+    # and its batch took together, every batch timed, and every insert among them.
+    held = times["gateway_request_ms"]["send_message"]
+    assert 0 < times["stream_wait_ms"] and 0 < times["batch_ms"]
+    assert held >= times["stream_wait_ms"] + times["batch_ms"] - 0.5
+    assert times["batches_per_s"] > 0 and times["entries_per_batch"] >= 1
+    assert times["mongo_ms"]["insert"] > 0
+    assert 0 < times["worker_loop_busy"] < 1
+    assert "Time in the servers" in (report_dir / "report.md").read_text()
