@@ -181,6 +181,13 @@ class WorkerMetrics:
             ["partition"],
             registry=r,
         )
+        self.stream_lag = Gauge(
+            "chat_worker_stream_lag",
+            "Entries of a partition's stream not yet read by any worker: the backlog "
+            "(sampled by its owner).",
+            ["partition"],
+            registry=r,
+        )
         self.partitions_owned = Gauge(
             "chat_worker_partitions_owned", "Partitions this worker holds a lease on.", registry=r
         )

@@ -32,15 +32,21 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from deploy.local.servers import free_port
 from shared.codec import token_digest
+from shared.config import Settings
 from shared.keys import CONSUMER_GROUP, Keys, partition_of
 from shared.metrics import GatewayMetrics, WorkerMetrics
 from tests.conftest import Servers
 from tests.support import ROOT, Client, Seeder, Stack, mongo_store
+from worker.auth import Authenticator
+from worker.consumer import Consumer
+from worker.partitions import PartitionManager
+from worker.processor import Counters, Processor
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "chat-gateway.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -281,6 +287,7 @@ async def test_metrics_move_with_traffic_and_logs_stay_clean(
     partition = str(partition_of(chat, stack.settings.partitions))
     assert w1.value("chat_worker_stream_length", partition=partition) >= n + 3
     assert w1.value("chat_worker_stream_pending", partition=partition) == 0
+    assert w1.value("chat_worker_stream_lag", partition=partition) == 0  # every entry read
     assert w1.label_values("chat_worker_stream_length", "partition") == {
         str(p) for p in range(stack.settings.partitions)
     }
@@ -447,6 +454,63 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(
 
 
 # -- 3. Redis outage: readiness flips, reconnects are counted ------------------------
+
+
+async def test_stream_gauges_tell_backlog_from_pending(
+    settings: Settings, redis: Redis, cleanup: None
+) -> None:
+    """``stream_lag`` counts entries no worker has read yet, ``stream_pending`` those
+    read and not yet acknowledged: a worker that falls behind shows as lag."""
+    metrics = WorkerMetrics()
+    keys = Keys(settings.redis_prefix)
+    leases = PartitionManager(
+        redis, keys, settings.node_id, settings.partitions, settings.lease_seconds, metrics
+    )
+    client, store = await mongo_store(settings)
+    counters = Counters(store)
+    processor = Processor(store, Authenticator(store, 1.0, metrics), counters, metrics)
+    consumer = Consumer(
+        redis, keys, settings.node_id, leases, processor, counters, metrics,
+        batch=10, block_ms=100, backoff_cap=0.5, redis_url=settings.redis_url,
+    )  # fmt: skip
+    try:
+        await leases.tick()  # takes every partition; no read loop runs
+        stream = keys.stream(1)
+        await redis.xadd(stream, {"x": "1"})
+
+        def gauges() -> tuple[float, ...]:
+            """(length, lag, pending) of partition 1 as /metrics would show them."""
+            parsed = Metrics.parse(generate_latest(metrics.registry).decode())
+            return tuple(
+                parsed.value(f"chat_worker_stream_{name}", partition="1")
+                for name in ("length", "lag", "pending")
+            )
+
+        # No group yet: nothing has been read.
+        await consumer.sample_streams()
+        assert gauges() == (1, 1, 0)
+        await redis.xgroup_create(stream, CONSUMER_GROUP, id="0")
+        for n in range(4):
+            await redis.xadd(stream, {"x": str(n)})
+        await consumer.sample_streams()
+        assert gauges() == (5, 5, 0)
+        # A worker reads three: they are pending, two are still waiting.
+        await redis.xreadgroup(CONSUMER_GROUP, "w", {stream: ">"}, count=3)
+        await consumer.sample_streams()
+        assert gauges() == (5, 2, 3)
+        read = await redis.xreadgroup(CONSUMER_GROUP, "w", {stream: ">"}, count=10)
+        await redis.xack(stream, CONSUMER_GROUP, *[i for i, _ in read[0][1]])
+        await consumer.sample_streams()
+        assert gauges() == (5, 0, 3)
+        # Another worker takes the partition over: this one stops reporting it.
+        await leases.release(1)
+        await consumer.sample_streams()
+        assert "1" not in Metrics.parse(generate_latest(metrics.registry).decode()).label_values(
+            "chat_worker_stream_lag", "partition"
+        )
+    finally:
+        await leases.release_all()
+        await client.close()
 
 
 async def test_redis_outage_flips_readiness_and_counts_reconnects(

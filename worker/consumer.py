@@ -9,6 +9,7 @@ stored), or, if this worker dies, claimed by the partition's next owner.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -336,31 +337,46 @@ class Consumer:
         await asyncio.wait_for(self._out.execute(commands), PUBLISH_TIMEOUT)
 
     async def sample_streams(self) -> None:
-        """Stream length and pending count of each owned partition, for /metrics."""
+        """Length, backlog (entries not yet read) and pending count (read, not yet
+        acknowledged) of each owned partition's stream, for /metrics."""
+        m = self.metrics
         owned = {str(p) for p in self.partitions.readable()}
         for label in self._sampled - owned:
             # Another worker reports it now; a stale series here would double count.
-            self.metrics.stream_length.remove(label)
-            self.metrics.stream_pending.remove(label)
+            for gauge in (m.stream_length, m.stream_pending, m.stream_lag):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(label)
         self._sampled = owned
         for partition in self.partitions.readable():
             stream = self.keys.stream(partition)
             try:
                 length = await self.redis.xlen(stream)
-                pending: Any = await self.redis.xpending(stream, CONSUMER_GROUP)
+                groups: Any = await self.redis.xinfo_groups(stream) if length else []
             except ResponseError:
-                continue
+                continue  # no stream yet
+            ours = next((g for g in groups if _text(g.get("name")) == CONSUMER_GROUP), None)
+            # Without the group nothing has been read yet. Redis (7.0+) cannot tell the
+            # lag in some cases (entries deleted with XDEL, a group moved to an arbitrary
+            # id): then the series is left out rather than guessed.
+            lag = length if ours is None else ours.get("lag")
             label = str(partition)
-            self.metrics.stream_length.labels(label).set(length)
-            self.metrics.stream_pending.labels(label).set(
-                pending.get("pending", 0) if pending else 0
-            )
+            m.stream_length.labels(label).set(length)
+            m.stream_pending.labels(label).set(ours.get("pending", 0) if ours else 0)
+            if lag is None:
+                with contextlib.suppress(KeyError):
+                    m.stream_lag.remove(label)
+            else:
+                m.stream_lag.labels(label).set(lag)
 
 
 def _is_mongo_up(exc: Exception) -> bool:
     from pymongo.errors import AutoReconnect, ConnectionFailure, ServerSelectionTimeoutError
 
     return not isinstance(exc, ConnectionFailure | AutoReconnect | ServerSelectionTimeoutError)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _field(fields: list[bytes] | None, name: bytes) -> bytes | None:
