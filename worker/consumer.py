@@ -186,7 +186,7 @@ class Consumer:
                 count=self.batch,
             )  # fmt: skip
             # Reply: [next cursor, claimed entries, ids deleted while pending (Redis 7)].
-            cursor = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
+            cursor = _text(result[0])
             if cursor == "0-0":
                 break
         last = "0"
@@ -351,7 +351,7 @@ class Consumer:
             stream = self.keys.stream(partition)
             try:
                 length = await self.redis.xlen(stream)
-                groups: Any = await self.redis.xinfo_groups(stream) if length else []
+                groups: Any = await self.redis.xinfo_groups(stream)
             except ResponseError:
                 continue  # no stream yet
             ours = next((g for g in groups if _text(g.get("name")) == CONSUMER_GROUP), None)

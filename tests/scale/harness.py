@@ -427,29 +427,33 @@ class Target:
         finally:
             client.close()
 
-    def scrape_metrics(self, dest: Path) -> None:
+    def _metrics(self, kinds: tuple[str, ...]) -> dict[str, bytes | None]:
+        """GET /metrics of each live process of ``kinds`` (None: it did not answer)."""
+        texts: dict[str, bytes | None] = {}
         for proc in self.sup.procs:
-            if proc.kind == "gateway" and proc.alive():
-                with contextlib.suppress(OSError, ValueError):
+            if proc.kind in kinds and proc.alive():
+                try:
                     url = f"http://127.0.0.1:{proc.extra['port']}/metrics"
                     with urllib.request.urlopen(url, timeout=2) as resp:
-                        (dest / f"metrics-{proc.name}.txt").write_bytes(resp.read())
+                        texts[proc.name] = resp.read()
+                except (OSError, ValueError):
+                    texts[proc.name] = None
+        return texts
+
+    def scrape_metrics(self, dest: Path) -> None:
+        for name, text in self._metrics(("gateway",)).items():
+            if text is not None:
+                (dest / f"metrics-{name}.txt").write_bytes(text)
 
     def metric_totals(self) -> server_time.Totals | None:
         """Every gateway's and worker's /metrics, summed (None for a peer, or when one
         of them did not answer: a partial sum would misattribute time)."""
         if self.name != "ours":
             return None
-        texts = []
-        for proc in self.sup.procs:
-            if proc.kind in ("gateway", "worker"):
-                try:
-                    url = f"http://127.0.0.1:{proc.extra['port']}/metrics"
-                    with urllib.request.urlopen(url, timeout=2) as resp:
-                        texts.append(resp.read().decode())
-                except (OSError, ValueError):
-                    return None
-        return server_time.parse(texts)
+        texts = self._metrics(("gateway", "worker"))
+        if any(text is None for text in texts.values()):
+            return None
+        return server_time.parse([text.decode() for text in texts.values() if text is not None])
 
     def close(self) -> None:
         self.sup.close()
