@@ -169,10 +169,10 @@ def test_report_says_what_ours_waited_for_before_acknowledging() -> None:
     assert "lose" not in reporting.write_concern_note("w=majority")
 
 
-def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
-    """A 2-second run on the in-memory peer: every process starts, verifies, stops."""
+def _short_chat_run(tmp_path: Path, target: str) -> tuple[Path, dict[str, Any]]:
+    """A 2-second chat run of ``target`` through the harness: its report folder and step."""
     cmd = [
-        sys.executable, "-m", "tests.scale.harness", "--targets", "aiohttp",
+        sys.executable, "-m", "tests.scale.harness", "--targets", target,
         "--workload", "chat", "--sockets", "40", "--rate", "40", "--duration", "2",
         "--drain", "3", "--quiet-wait", "0", "--out", str(tmp_path),
         "--data-dir", str(tmp_path / "data"),
@@ -181,7 +181,12 @@ def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     (report_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("-chat")]
     report = json.loads((report_dir / "report.json").read_text())
-    step = report["results"][0]["steps"][0]
+    return report_dir, report["results"][0]["steps"][0]
+
+
+def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
+    """A 2-second run on the in-memory peer: every process starts, verifies, stops."""
+    report_dir, step = _short_chat_run(tmp_path, "aiohttp")
     assert step["verification"]["passed"]
     assert step["counts"]["acked"] == step["counts"]["sent"] > 0
     assert step["verification"]["delivered"] == step["verification"]["expected_deliveries"] > 0
@@ -193,17 +198,7 @@ def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
 def test_harness_end_to_end_on_ours(tmp_path: Path) -> None:
     """A 2-second run on the real stack (its own Redis, MongoDB, gateways and worker):
     verified against MongoDB, and the servers' own account of where the time went."""
-    cmd = [
-        sys.executable, "-m", "tests.scale.harness", "--targets", "ours",
-        "--workload", "chat", "--sockets", "40", "--rate", "40", "--duration", "2",
-        "--drain", "3", "--quiet-wait", "0", "--out", str(tmp_path),
-        "--data-dir", str(tmp_path / "data"),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (report_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("-chat")]
-    report = json.loads((report_dir / "report.json").read_text())
-    step = report["results"][0]["steps"][0]
+    report_dir, step = _short_chat_run(tmp_path, "ours")
     assert step["verification"]["passed"]
     assert step["verification"]["stored"] == step["counts"]["acked"] == step["counts"]["sent"] > 0
     times = step["server_time"]
