@@ -564,6 +564,43 @@ async def test_redis_outage_flips_readiness_and_counts_reconnects(
 # -- 4. worker drain: leases handed over at once ---------------------------------------
 
 
+async def test_a_worker_below_its_share_sees_released_partitions_between_rounds(
+    settings: Settings, redis: Redis, cleanup: None
+) -> None:
+    """What makes a hand-over quick: between lease rounds, a worker looks for released
+    partitions, and only when it holds less than its fair share (real Redis, two lease
+    managers driven round by round, no loops)."""
+    keys = Keys(settings.redis_prefix)
+    a, b = (
+        PartitionManager(
+            redis, keys, node, settings.partitions, settings.lease_seconds, WorkerMetrics()
+        )
+        for node in (f"{settings.node_id}-a", f"{settings.node_id}-b")
+    )
+    try:
+        await a.tick()
+        assert a.owned == settings.partitions
+        assert not await a.released_for_me()  # nothing free
+        await b.tick()  # joins: its share is half, but nothing is free yet
+        assert b.owned == 0
+        assert not await b.released_for_me()
+        await a.tick()  # sees two live workers: marks its surplus
+        await a.hand_back_surplus()
+        assert a.owned == settings.partitions // 2
+        assert await b.released_for_me()  # free, and below its share
+        assert not await a.released_for_me()  # free too, but a holds its share
+        await b.tick()
+        assert b.owned == settings.partitions // 2
+        assert not await b.released_for_me()
+        await a.release_all()  # a drains: b's share is now every partition
+        assert await b.released_for_me()
+        await b.tick()
+        assert b.owned == settings.partitions
+    finally:
+        await a.release_all()
+        await b.release_all()
+
+
 async def test_worker_sigterm_hands_partitions_over_at_once(
     stack: Stack, seed: Seeder, log_dir: Path, redis: Redis
 ) -> None:
