@@ -126,6 +126,40 @@ def readyz(proc: Proc) -> int | None:
     return http_status(f"http://127.0.0.1:{proc.extra['port']}/readyz")
 
 
+def worker_partitions(proc: Proc) -> list[int] | None:
+    """The partitions a worker reads now, from its ``/readyz`` (None: no answer)."""
+    url = f"http://127.0.0.1:{proc.extra['port']}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()  # unready: the body still lists its partitions
+    except (OSError, ValueError):
+        return None
+    try:
+        return [int(p) for p in json.loads(body).get("partitions") or []]
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def wait_balanced(workers: list[Proc], partitions: int, timeout: float) -> None:
+    """Wait until the workers have shared every partition out fairly (a worker that
+    started later takes its share at the others' next lease round): a run measures the
+    steady state, not a hand-over. Only warns when it does not happen in time."""
+    share = -(-partitions // max(1, len(workers)))
+    deadline = time.monotonic() + timeout
+    while True:
+        held = [worker_partitions(w) for w in workers]
+        if all(h is not None for h in held):
+            every = sorted(p for h in held if h is not None for p in h)
+            if every == list(range(partitions)) and all(len(h or []) <= share for h in held):
+                return
+        if time.monotonic() > deadline:
+            say(f"workers did not share the partitions out within {timeout:.0f}s: {held}")
+            return
+        time.sleep(0.1)
+
+
 def ws_urls(procs: list[Proc]) -> list[str]:
     """The WebSocket endpoint of each server process."""
     return [f"ws://127.0.0.1:{p.extra['port']}/ws" for p in procs]
@@ -271,6 +305,7 @@ class Target:
         for proc in workers:
             if not proc.alive():
                 raise SetupFailed(f"{proc.name} exited; its log:\n{tail(proc.log_path)}")
+        wait_balanced(workers, args.partitions, timeout=15)
         self.urls = ws_urls(gateways)
 
     def start_socketio(self) -> None:
