@@ -103,6 +103,7 @@ class Hub:
         metrics.requests_in_flight.set_function(lambda: len(self.pending))
         metrics.sockets_open.set_function(lambda: len(self.connections))
         metrics.chat_channels.set_function(lambda: self.subscriber.chat_channels)
+        metrics.stream_buffer.set_function(lambda: self.producer.buffered)
 
     # -- connections -------------------------------------------------------------
 
@@ -180,6 +181,7 @@ class Hub:
         if not self.producer.submit(stream, encode_stream_entry(entry)):
             self.subscriber.release(self.keys.chat_channel(chat_id))
             if not fill:
+                self.metrics.overload_refusals.inc()
                 self._fail(conn, event_type, request_id, "Server is overloaded, retry later")
             return False
         pending = Pending(conn, chat_id, event_type, request_id, received_at, digest, fill=fill)

@@ -111,6 +111,17 @@ class GatewayMetrics:
             "Gap fills given up after repeated timeouts (sockets may have missed messages).",
             registry=r,
         )
+        self.stream_buffer = Gauge(
+            "chat_gateway_stream_buffer",
+            "Requests waiting for their XADD to a partition stream (bounded).",
+            registry=r,
+        )
+        self.overload_refusals = Counter(
+            "chat_gateway_overload_refusals",
+            "Requests answered server_error at once because the XADD buffer was full "
+            "(Redis slow or unreachable).",
+            registry=r,
+        )
         self.rate_limited = Counter(
             "chat_gateway_rate_limited",
             "Frames refused with rate_limited (over the per-socket rate).",

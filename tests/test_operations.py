@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import math
 import os
@@ -516,11 +517,12 @@ async def test_stream_gauges_tell_backlog_from_pending(
 async def test_redis_outage_flips_readiness_and_counts_reconnects(
     stack: Stack, seed: Seeder, log_dir: Path, servers: Servers
 ) -> None:
-    """Stop Redis: both /readyz answer 503 (and /healthz 200); start it: both ready
-    again, each counted one Redis reconnect, and a send works."""
+    """Stop Redis: both /readyz answer 503 (and /healthz 200), and sends beyond the
+    gateway's XADD buffer are refused at once and counted; start it: both ready again,
+    each counted one Redis reconnect, and a send works."""
     alice, token = await seed.user("Alice")
     chat = await seed.chat(alice)
-    _, gw = stack.spawn("gateway", log_dir)
+    _, gw = stack.spawn("gateway", log_dir, xadd_batch=1)  # an XADD buffer of 64
     _, wk = stack.spawn("worker", log_dir, log_level="INFO")
     await stack.wait_ready(gw)
     await stack.wait_ready(wk)
@@ -543,6 +545,29 @@ async def test_redis_outage_flips_readiness_and_counts_reconnects(
         assert body["checks"]["redis"] is False
         gm, wm = await scrape(stack, gw), await scrape(stack, wk)
         assert gm.value("chat_ready") == 0 and wm.value("chat_ready") == 0
+
+        # Sends keep coming: the XADD buffer fills to its bound (XADD_BATCH x 64, one
+        # more may be in the failing pipeline), and the rest are refused at once.
+        flood = await stack.client(gw, token)
+        bound = 64
+        for i in range(bound + 11):
+            frame = {"chat_id": chat, "token": token, "event_type": "send_message",
+                     "message": {"type": "text", "text": f"f{i}"}, "request_id": f"f{i}"}  # fmt: skip
+            await flood.ws.send_str(orjson.dumps(frame).decode())
+        refused = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                refused.append(await flood.reply(timeout=1.0))
+        assert {(r["type"], r["detail"]) for r in refused} == {
+            ("server_error", "Server is overloaded, retry later")
+        }
+        assert len(refused) in (10, 11), refused
+        gm2 = await scrape(stack, gw)
+        assert gm2.value("chat_gateway_stream_buffer") == bound
+        assert gm2.value("chat_gateway_overload_refusals_total") - gm.value(
+            "chat_gateway_overload_refusals_total"
+        ) == len(refused)
+        await flood.close()
     finally:
         if not servers.redis.running:
             servers.redis.start()
