@@ -408,9 +408,15 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(
         "histogram_quantile(0.99, sum by (le) (rate(chat_gateway_delivery_seconds_bucket",
         "sum by (type) (rate(chat_gateway_replies_total",
         "chat_worker_stream_pending",
+        "chat_worker_stream_lag",
         "sum by (instance) (chat_worker_partitions_owned)",
     ):
         assert needle in joined, f"dashboard lacks {needle}"
+    # Grafana keys a panel's queries by refId: a repeated one hides a query.
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    for panel in [p for top in panels for p in (top, *top.get("panels", []))]:
+        ref_ids = [t["refId"] for t in panel.get("targets", [])]
+        assert len(ref_ids) == len(set(ref_ids)), (panel["title"], ref_ids)
 
     alice, token = await seed.user("Alice")
     chat = await seed.chat(alice)
