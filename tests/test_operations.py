@@ -46,7 +46,7 @@ from tests.conftest import Servers
 from tests.support import ROOT, Client, Seeder, Stack, mongo_store
 from worker.auth import Authenticator
 from worker.consumer import Consumer
-from worker.partitions import PartitionManager
+from worker.partitions import ORPHAN_GRACE, PartitionManager
 from worker.processor import Counters, Processor
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "chat-gateway.json"
@@ -599,8 +599,8 @@ async def test_a_worker_below_its_share_sees_released_partitions_between_rounds(
     settings: Settings, redis: Redis, cleanup: None
 ) -> None:
     """What makes a hand-over quick: between lease rounds, a worker looks for released
-    partitions, and only when it holds less than its fair share (real Redis, two lease
-    managers driven round by round, no loops)."""
+    partitions: at once when it holds less than its fair share, after a grace when the
+    partition is an orphan (real Redis, lease managers driven round by round, no loops)."""
     keys = Keys(settings.redis_prefix)
     a, b = (
         PartitionManager(
@@ -611,20 +611,36 @@ async def test_a_worker_below_its_share_sees_released_partitions_between_rounds(
     try:
         await a.tick()
         assert a.owned == settings.partitions
-        assert not await a.released_for_me()  # nothing free
+        assert not await a.free_for_me()  # nothing free
         await b.tick()  # joins: its share is half, but nothing is free yet
         assert b.owned == 0
-        assert not await b.released_for_me()
+        assert not await b.free_for_me()
         await a.tick()  # sees two live workers: marks its surplus
         await a.hand_back_surplus()
         assert a.owned == settings.partitions // 2
-        assert await b.released_for_me()  # free, and below its share
-        assert not await a.released_for_me()  # free too, but a holds its share
+        assert await b.free_for_me()  # free, and below its share
+        assert not await a.free_for_me()  # free too, but a holds its share
         await b.tick()
         assert b.owned == settings.partitions // 2
-        assert not await b.released_for_me()
+        assert not await b.free_for_me()
         await a.release_all()  # a drains: b's share is now every partition
-        assert await b.released_for_me()
+        assert await b.free_for_me()
+        await b.tick()
+        assert b.owned == settings.partitions
+        # An orphan (its owner died, its lease expired): b already holds its share, so
+        # it waits ORPHAN_GRACE for a worker below its share, then takes it anyway.
+        c = PartitionManager(
+            redis, keys, f"{settings.node_id}-c", settings.partitions, 0.2, WorkerMetrics()
+        )
+        await c.tick()  # short leases, never renewed: c "dies" holding nothing yet
+        await b.tick()  # sees two live workers: hands half back
+        await b.hand_back_surplus()
+        await c.tick()  # takes them, then dies
+        assert c.owned == settings.partitions // 2
+        await asyncio.sleep(0.3)  # c's leases expire
+        assert not await b.free_for_me()  # free, but b holds its share: not yet
+        await asyncio.sleep(ORPHAN_GRACE)
+        assert await b.free_for_me()
         await b.tick()
         assert b.owned == settings.partitions
     finally:

@@ -10,10 +10,13 @@ A worker trusts its own lease only until ``renewed_at + 0.9 * lease``; past that
 stops writing. The unique (chat_id, seq) index fences a worker that was paused
 longer than that and wakes up thinking it still owns its partitions.
 
-Between rounds, a worker below its fair share looks every ``FREE_CHECK`` seconds (one
-pipelined round trip) for partitions another worker released (it drained, or handed
-back its surplus when this one joined) and then takes them at once, so a hand-over
-costs those partitions a fraction of a second instead of up to a whole round.
+Between rounds, every worker looks every ``FREE_CHECK`` seconds (one pipelined round
+trip) for free partitions. One below its fair share takes them at once: another worker
+released them (it drained, or handed back its surplus when this one joined), and the
+hand-over costs them a fraction of a second instead of up to a whole round. Any worker
+takes a partition that has stayed free for ``ORPHAN_GRACE`` seconds (its owner died and
+its lease expired), even above its share: by then every worker below its share has had
+two looks at it first.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ from shared.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-# Seconds between looks for released partitions that this worker's share wants.
+# Seconds between looks for free partitions.
 FREE_CHECK = 0.2
+# A partition free this long is taken by any worker, even above its fair share: workers
+# below their share have had two looks at it by then.
+ORPHAN_GRACE = 2 * FREE_CHECK
 
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -72,7 +78,7 @@ class PartitionManager:
         self._valid_until: dict[int, float] = {}
         self._fresh: set[int] = set()  # acquired, pending entries not yet recovered
         self._surplus: set[int] = set()  # to hand back between batches
-        self._free_seen: dict[int, int] = {}  # partition -> rounds seen without an owner
+        self._free_since: dict[int, float] = {}  # partition -> first seen without an owner
         self._changed = asyncio.Event()
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
@@ -132,19 +138,31 @@ class PartitionManager:
         deadline = time.monotonic() + self.lease / 3
         while (left := deadline - time.monotonic()) > 0:
             await asyncio.sleep(min(left, FREE_CHECK))
-            if not self.stopping and await self.released_for_me():
+            if not self.stopping and await self.free_for_me():
                 return
 
-    async def released_for_me(self) -> bool:
-        """True when a partition is free and this worker holds less than its fair share."""
+    async def free_for_me(self) -> bool:
+        """True when a free partition is this worker's to take now: it holds less than
+        its fair share, or the partition has been free for ``ORPHAN_GRACE``."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.workers)
             for partition in range(self.partitions):
                 pipe.exists(self.keys.lease(partition))
             live, *taken = await pipe.execute()
-        if len(self._valid_until) >= math.ceil(self.partitions / max(1, int(live))):
+        free = self._note_free(taken)
+        if not free:
             return False
-        return any(not held and p not in self._valid_until for p, held in enumerate(taken))
+        if len(self._valid_until) < math.ceil(self.partitions / max(1, int(live))):
+            return True
+        now = time.monotonic()
+        return any(now - self._free_since[p] >= ORPHAN_GRACE for p in free)
+
+    def _note_free(self, taken: list[int]) -> list[int]:
+        """The partitions nobody holds, from one EXISTS per lease; remembers since when."""
+        free = [p for p, held in enumerate(taken) if not held and p not in self._valid_until]
+        now = time.monotonic()
+        self._free_since = {p: self._free_since.get(p, now) for p in free}
+        return free
 
     async def tick(self) -> None:
         """One round: register, renew held leases, take or hand back to reach a fair share."""
@@ -175,33 +193,28 @@ class PartitionManager:
         self.metrics.partitions_owned.set(len(self._valid_until))
 
     async def _acquire(self, wanted: int, ms: int) -> None:
-        """Take free partitions: up to ``wanted`` at once, and any left free for two rounds.
+        """Take free partitions: up to ``wanted`` at once, and any free for ``ORPHAN_GRACE``.
 
         The second rule means no partition stays unowned while a worker lives, even when
-        every survivor already has its fair share; the two-round wait lets a worker that is
-        below its share (and ticks as often) take it first.
+        every survivor already has its fair share; the grace lets a worker that is below
+        its share (and looks as often) take it first.
         """
         async with self.redis.pipeline(transaction=False) as pipe:
             for partition in range(self.partitions):
                 pipe.exists(self.keys.lease(partition))
             taken = await pipe.execute()
-        free = [p for p in range(self.partitions) if not taken[p] and p not in self._valid_until]
-        for partition in list(self._free_seen):
-            if partition not in free:
-                del self._free_seen[partition]
+        free = self._note_free(taken)
         # Start at a per-worker offset so workers do not all race for the same partition.
         offset = hash(self.node_id) % self.partitions
         free.sort(key=lambda p: (p - offset) % self.partitions)
         for partition in free:
-            seen = self._free_seen.get(partition, 0) + 1
-            self._free_seen[partition] = seen
-            if wanted <= 0 and seen < 2:
+            if wanted <= 0 and time.monotonic() - self._free_since[partition] < ORPHAN_GRACE:
                 continue
             started = time.monotonic()
             if await self.redis.set(self.keys.lease(partition), self.node_id, nx=True, px=ms):
                 self._valid_until[partition] = started + 0.9 * self.lease
                 self._fresh.add(partition)
-                self._free_seen.pop(partition, None)
+                self._free_since.pop(partition, None)
                 wanted -= 1
                 log.info("partition acquired", extra={"partition": partition})
                 self._changed.set()
