@@ -114,8 +114,8 @@ class PartitionManager:
             pass
 
     async def run(self) -> None:
-        """Heartbeat, renew, rebalance every third of the lease (sooner when partitions
-        this worker's share wants were released), until cancelled."""
+        """Heartbeat, renew, rebalance every third of the lease (sooner when a free
+        partition is this worker's to take), until cancelled."""
         backoff = Backoff(cap=self.backoff_cap)
         while True:
             try:
@@ -144,25 +144,26 @@ class PartitionManager:
     async def free_for_me(self) -> bool:
         """True when a free partition is this worker's to take now: it holds less than
         its fair share, or the partition has been free for ``ORPHAN_GRACE``."""
+        live, free = await self._free_now()
+        if not free:
+            return False
+        if len(self._valid_until) < math.ceil(self.partitions / live):
+            return True
+        now = time.monotonic()
+        return any(now - self._free_since[p] >= ORPHAN_GRACE for p in free)
+
+    async def _free_now(self) -> tuple[int, list[int]]:
+        """(live workers, partitions nobody holds), in one round trip; remembers since
+        when each partition has been free."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.workers)
             for partition in range(self.partitions):
                 pipe.exists(self.keys.lease(partition))
             live, *taken = await pipe.execute()
-        free = self._note_free(taken)
-        if not free:
-            return False
-        if len(self._valid_until) < math.ceil(self.partitions / max(1, int(live))):
-            return True
-        now = time.monotonic()
-        return any(now - self._free_since[p] >= ORPHAN_GRACE for p in free)
-
-    def _note_free(self, taken: list[int]) -> list[int]:
-        """The partitions nobody holds, from one EXISTS per lease; remembers since when."""
         free = [p for p, held in enumerate(taken) if not held and p not in self._valid_until]
         now = time.monotonic()
         self._free_since = {p: self._free_since.get(p, now) for p in free}
-        return free
+        return max(1, int(live)), free
 
     async def tick(self) -> None:
         """One round: register, renew held leases, take or hand back to reach a fair share."""
@@ -199,11 +200,7 @@ class PartitionManager:
         every survivor already has its fair share; the grace lets a worker that is below
         its share (and looks as often) take it first.
         """
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for partition in range(self.partitions):
-                pipe.exists(self.keys.lease(partition))
-            taken = await pipe.execute()
-        free = self._note_free(taken)
+        _, free = await self._free_now()
         # Start at a per-worker offset so workers do not all race for the same partition.
         offset = hash(self.node_id) % self.partitions
         free.sort(key=lambda p: (p - offset) % self.partitions)
