@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -16,6 +17,9 @@ log = logging.getLogger(__name__)
 
 # Handlers still running after the drain (none, normally) get this long before cancel.
 SHUTDOWN_TIMEOUT = 5.0
+# The whole stop after the drain (listener, handlers, the app's cleanup) gets this long;
+# past it the process logs what is stuck and exits anyway rather than hang.
+CLEANUP_TIMEOUT = SHUTDOWN_TIMEOUT + 10.0
 
 
 def install_event_loop_policy(use_uvloop: bool) -> None:
@@ -79,8 +83,33 @@ async def serve(
                 await task
     finally:
         # Stops listening, then the app's cleanup closes whatever is left.
-        await runner.cleanup()
+        await _bounded(runner.cleanup(), CLEANUP_TIMEOUT)
     log.info("stopped")
+
+
+async def _bounded(cleanup: Coroutine[Any, Any, None], timeout: float) -> None:
+    """Run ``cleanup``; if it has not finished in ``timeout`` s, log every task still
+    running with where it waits, and end the process (exit status 1).
+
+    The drain before it has already answered, closed and handed over what it could; a
+    process that then hangs on its way out only keeps an orchestrator waiting for its
+    kill timeout, and leaves no trace of why.
+    """
+    task = asyncio.ensure_future(cleanup)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if done:
+        task.result()
+        return
+    stuck = {
+        t.get_name(): [
+            f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in t.get_stack()
+        ]
+        for t in asyncio.all_tasks()
+        if t is not asyncio.current_task()
+    }
+    log.error("stop did not finish; exiting anyway", extra={"timeout": timeout, "tasks": stuck})
+    logging.shutdown()
+    os._exit(1)
 
 
 def _signal_queue() -> asyncio.Queue[str]:
