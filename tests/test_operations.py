@@ -47,7 +47,7 @@ from tests.support import ROOT, Client, Seeder, Stack, mongo_store
 from worker.auth import Authenticator
 from worker.consumer import Consumer
 from worker.partitions import ORPHAN_GRACE, PartitionManager
-from worker.processor import Counters, Processor
+from worker.processor import Counters, Processor, entry_age_ms
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "chat-gateway.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -380,6 +380,17 @@ def alert_queries() -> list[str]:
             body.append(following.strip())
         exprs.append(" ".join(body))
     return exprs
+
+
+def test_stream_wait_counts_from_the_middle_of_the_stamped_millisecond() -> None:
+    """An entry id holds the millisecond it was added in, truncated. Measured from the
+    start of that millisecond, every wait came out 0.5 ms long on average: the mean over
+    adds spread evenly across a millisecond must come out right."""
+    adds = [1_000.0 + k / 100 for k in range(100)]  # true add times within ms 1000
+    waits = [entry_age_ms(f"{int(t)}-0", t + 2.0) for t in adds]  # each read 2 ms later
+    assert sum(waits) / len(waits) == pytest.approx(2.0, abs=0.01)
+    assert entry_age_ms("1000-7", 1_000.2) == 0.0  # never negative
+    assert entry_age_ms("1000-0", 1_003.5) == 3.0
 
 
 SELECTOR = re.compile(r"\b(chat_[a-z0-9_]+)(?:\{([^}]*)\})?")

@@ -34,7 +34,7 @@ from .processor import (
     Outcome,
     Processor,
     StaleOwner,
-    entry_stamp_ms,
+    entry_age_ms,
 )
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class Consumer:
             now_ms = await self.clock.now_ms(self.redis)
             observe = self.metrics.stream_wait_seconds.observe
             for item in items:
-                observe(max(0.0, now_ms - entry_stamp_ms(item.entry_id)) / 1000.0)
+                observe(entry_age_ms(item.entry_id, now_ms) / 1000.0)
         return items
 
     async def _handle_read(self, items: list[Item], *, suspect: bool) -> None:
