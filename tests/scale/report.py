@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import subprocess
 from pathlib import Path
@@ -339,6 +340,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     results = [r for r in report["results"] if r.get("steps")]
     if not results:
@@ -464,10 +466,15 @@ def chart(report: dict[str, Any], path: Path) -> None:
                 bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
         ax3.set_xlabel("CPU by process kind during the window")
     ax3.set_ylabel("cores")
-    ax3.set_title("CPU (2 cores in total)")
+    cpus = report.get("machine", {}).get("cpus")
+    ax3.set_title(f"CPU ({cpus} cores in total)" if cpus else "CPU")
     ax3.legend(fontsize=7)
     ax3.grid(True, alpha=0.3)
     ax1.set_ylabel("latency ms (log)")
+    # Plain milliseconds on the log axis, 1-2-5 (matplotlib's default reads "6 x 10^1").
+    plain = FuncFormatter(_one_two_five)
+    ax1.yaxis.set_major_formatter(plain)
+    ax1.yaxis.set_minor_formatter(plain)
     ax1.set_title("Latency from scheduled send time")
     ax2.set_ylabel("per second")
     ax2.set_title("Throughput")
@@ -479,6 +486,14 @@ def chart(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _one_two_five(value: float, _position: object = None) -> str:
+    """A log axis' tick label: the value when it is 1, 2 or 5 times a power of ten."""
+    if value <= 0:
+        return ""
+    leading = round(value / 10 ** math.floor(math.log10(value)), 6)
+    return f"{value:g}" if leading in (1, 2, 5) else ""
 
 
 def summary(report: dict[str, Any], out_dir: Path) -> str:

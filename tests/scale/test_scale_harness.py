@@ -184,6 +184,12 @@ def _short_chat_run(tmp_path: Path, target: str) -> tuple[Path, dict[str, Any]]:
     return report_dir, report["results"][0]["steps"][0]
 
 
+def test_chart_latency_axis_reads_in_plain_milliseconds() -> None:
+    """The log axis is labelled 1-2-5 in plain numbers, not as powers of ten."""
+    labels = [reporting._one_two_five(v) for v in (0.2, 0.3, 0.5, 1, 6, 20, 50, 60, 100, 0)]
+    assert labels == ["0.2", "", "0.5", "1", "", "20", "50", "", "100", ""]
+
+
 def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
     """A 2-second run on the in-memory peer: every process starts, verifies, stops."""
     report_dir, step = _short_chat_run(tmp_path, "aiohttp")
