@@ -140,7 +140,7 @@ async def _consumer_ctx(app: web.Application) -> AsyncIterator[None]:
     app[TASKS] = {
         "indexes": indexes,
         "leases": asyncio.create_task(partitions.run(), name="leases"),
-        "consumer": asyncio.create_task(_after(indexes, consumer.run()), name="consumer"),
+        "consumer": asyncio.create_task(_after(indexes, consumer.run), name="consumer"),
         "mongo_ping": asyncio.create_task(_ping_mongo(app), name="mongo-ping"),
         "auth_refresh": asyncio.create_task(auth.run_refresh(), name="auth-refresh"),
     }
@@ -204,9 +204,11 @@ async def _drain(app: web.Application) -> None:
     )
 
 
-async def _after(first: asyncio.Task[None], then: Coroutine[Any, Any, None]) -> None:
+async def _after(first: asyncio.Task[None], then: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    # ``then`` is called only once ``first`` is done: a coroutine made up front would be
+    # left never awaited (and warned about) when this task is cancelled before that.
     await first
-    await then
+    await then()
 
 
 async def _retrying(what: str, action: Any) -> None:
