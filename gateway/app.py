@@ -102,7 +102,7 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     def subscriber_for(hub: Hub) -> Subscriber:
         return Subscriber(
             settings.redis_url,
-            hub.keys.node_channel(settings.node_id),
+            (hub.keys.node_channel(settings.node_id), hub.keys.control_channel),
             hub.on_message,
             hub.on_resubscribed,
             lambda: metrics.redis_reconnects.labels("gateway_pubsub").inc(),

@@ -47,13 +47,18 @@ class ChatState:
     them: the socket's own replies while a gap in front of them is being filled.
     """
 
-    __slots__ = ("digest", "held", "last_seq", "user_id")
+    __slots__ = ("digest", "expires_at", "held", "last_seq", "user_id")
 
-    def __init__(self, user_id: str, last_seq: int, digest: str) -> None:
+    def __init__(
+        self, user_id: str, last_seq: int, digest: str, expires_at: float | None = None
+    ) -> None:
         self.user_id = user_id
         self.last_seq = last_seq
-        # The token digest that authorised the socket: gap fills are asked with it.
+        # The token digest that authorised the socket: gap fills are asked with it, and a
+        # revocation of that token ends the grant.
         self.digest = digest
+        # When that token expires (unix seconds; None: never): no pushes after it.
+        self.expires_at = expires_at
         self.held: dict[int, bytes] | None = None
 
     def hold(self, seq: int, frame: bytes) -> None:

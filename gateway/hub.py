@@ -25,15 +25,17 @@ from shared import protocol
 from shared.codec import (
     Grant,
     Push,
+    Revocation,
     StreamEntry,
     decode_push,
     decode_reply_envelope,
+    decode_revocation,
     encode_stream_entry,
     token_digest,
 )
 from shared.config import Settings
 from shared.keys import Keys, partition_of
-from shared.metrics import GatewayMetrics
+from shared.metrics import GRANT_END_REASONS, GatewayMetrics
 
 from .connection import ChatState, Connection, WriteBatch, text_frame
 from .producer import StreamProducer
@@ -43,6 +45,10 @@ log = logging.getLogger(__name__)
 
 # Pushes held per chat while its gap is being filled; beyond it the next fill fetches them.
 MAX_FILL_BUFFER = 10_000
+# Revocations remembered so that a grant decided before one (a worker's cached view of
+# a chat's members or of a token) does not bring the pushes back; beyond the bound the
+# oldest are forgotten first.
+MAX_REMEMBERED_REVOCATIONS = 10_000
 MAX_FILL_ATTEMPTS = 3
 
 
@@ -91,6 +97,12 @@ class Hub:
         self._ids = itertools.count(1)
         self._req_ids = itertools.count(1)
         self._fills: dict[str, Fill] = {}
+        # (chat, user) pairs and token digests -> until when (monotonic) grants for them are
+        # refused. Workers cache members and tokens for AUTH_CACHE_TTL_SECONDS, and a
+        # request may be answered up to REQUEST_TIMEOUT_SECONDS after it was read.
+        self._revoked: dict[tuple[str, str] | str, float] = {}
+        self._revoked_for = settings.auth_cache_ttl + settings.request_timeout
+        self._revoked_counts = {r: metrics.grants_revoked.labels(r) for r in GRANT_END_REASONS}
         # Socket writes made while a burst of pub/sub messages is handled go out together.
         self.writes = WriteBatch()
         self.subscriber = subscriber_factory(self)
@@ -216,10 +228,14 @@ class Hub:
         """Dispatch one pub/sub message (called by the subscriber's read loop)."""
         try:
             chat_id = self.keys.chat_from_channel(channel)
-            if chat_id is None:
-                self._on_reply(data)
-            else:
+            if chat_id is not None:
                 self._on_push(chat_id, decode_push(data))
+            elif channel == self.keys.control_channel:
+                revocation = decode_revocation(data)
+                if revocation is not None:
+                    self.revoke(revocation)
+            else:
+                self._on_reply(data)
         except Exception:
             log.exception("bad pub/sub payload", extra={"channel": channel[:80]})
 
@@ -296,14 +312,21 @@ class Hub:
     def _authorise(self, conn: Connection, grant: Grant, pending: Pending, frame: bytes) -> bool:
         """Record the grant; False when the reply ``frame`` is held back (sent later in order)."""
         state = conn.chats.get(grant.chat_id)
+        if self._is_revoked(grant.chat_id, grant.user_id, pending.digest):
+            # Decided on a worker's view from before the revocation: the reply goes out
+            # (as for any request within AUTH_CACHE_TTL_SECONDS), the pushes do not.
+            return True
         if state is None:
-            conn.chats[grant.chat_id] = ChatState(grant.user_id, grant.head, pending.digest)
+            conn.chats[grant.chat_id] = ChatState(
+                grant.user_id, grant.head, pending.digest, grant.expires_at
+            )
             self.chats.setdefault(grant.chat_id, {})[conn.conn_id] = conn
             # The socket keeps its own reference on the channel while authorised.
             self.subscriber.hold(self.keys.chat_channel(grant.chat_id))
             return True
         state.user_id = grant.user_id
         state.digest = pending.digest
+        state.expires_at = grant.expires_at
         if pending.event_type not in protocol.SEND_EVENTS:
             # A history page changes nothing about which pushes this socket has had.
             return True
@@ -336,6 +359,59 @@ class Hub:
                 del self.chats[chat_id]
         self.subscriber.release(self.keys.chat_channel(chat_id))
 
+    # -- revocation --------------------------------------------------------------
+
+    def revoke(self, revocation: Revocation) -> None:
+        """End the grants a revocation names, on every socket of this node, and refuse
+        grants for them that a worker decided from an older view."""
+        until = time.monotonic() + self._revoked_for
+        removed = token_revoked = 0
+        chat_id = revocation.chat_id
+        if chat_id is not None and revocation.user_ids:
+            users = set(revocation.user_ids)
+            for user in users:
+                self._remember((chat_id, user), until)
+            for conn in list((self.chats.get(chat_id) or {}).values()):
+                state = conn.chats.get(chat_id)
+                if state is not None and state.user_id in users:
+                    self._leave(conn, chat_id)
+                    removed += 1
+        digests = set(revocation.token_digests)
+        if digests:
+            for digest in digests:
+                self._remember(digest, until)
+            for chat, members in list(self.chats.items()):
+                for conn in list(members.values()):
+                    state = conn.chats.get(chat)
+                    if state is not None and state.digest in digests:
+                        self._leave(conn, chat)
+                        token_revoked += 1
+        if removed:
+            self._revoked_counts["member_removed"].inc(removed)
+        if token_revoked:
+            self._revoked_counts["token_revoked"].inc(token_revoked)
+        log.info(
+            "revocation",
+            extra={"grants_ended": removed + token_revoked, "tokens": len(digests)},
+        )
+
+    def _remember(self, key: tuple[str, str] | str, until: float) -> None:
+        self._revoked.pop(key, None)  # re-inserted last: the order is the expiry order
+        self._revoked[key] = until
+        while len(self._revoked) > MAX_REMEMBERED_REVOCATIONS:
+            del self._revoked[next(iter(self._revoked))]
+
+    def _is_revoked(self, chat_id: str, user_id: str, digest: str) -> bool:
+        if not self._revoked:
+            return False
+        now = time.monotonic()
+        while self._revoked:  # forget what has run out (oldest first)
+            oldest = next(iter(self._revoked))
+            if self._revoked[oldest] > now:
+                break
+            del self._revoked[oldest]
+        return (chat_id, user_id) in self._revoked or digest in self._revoked
+
     def _on_push(self, chat_id: str, push: Push, *, may_fill: bool = True) -> None:
         members = self.chats.get(chat_id)
         if not members:
@@ -360,9 +436,15 @@ class Hub:
         wire_mine: bytes | None = None
         wire_other: bytes | None = None
         delivered = 0
+        expired = 0
         for conn in list(members.values()):
             state = conn.chats.get(chat_id)
             if state is None or push.seq <= state.last_seq:
+                continue
+            if state.expires_at is not None and state.expires_at <= now:
+                # The token that authorised this socket has expired: no more pushes.
+                self._leave(conn, chat_id)
+                expired += 1
                 continue
             if origin_here and conn.conn_id == push.origin_conn:
                 # The author's socket got this message as its reply.
@@ -377,6 +459,8 @@ class Hub:
                     wire_other = text_frame(push.other)
                 sent = self._deliver(conn, state, push.seq, push.other, wire_other)
             delivered += sent
+        if expired:
+            self._revoked_counts["token_expired"].inc(expired)
         if delivered:
             self.metrics.deliveries.inc(delivered)
             self._out_push.inc(delivered)

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from shared.backoff import Backoff
 from shared.resp import RespConnection, RespError
@@ -39,7 +39,7 @@ class Subscriber:
     def __init__(
         self,
         redis_url: str,
-        node_channel: str,
+        fixed_channels: Sequence[str],
         on_message: Callable[[str, bytes], None],
         on_resubscribed: Callable[[], None],
         on_reconnect: Callable[[], None],
@@ -50,7 +50,9 @@ class Subscriber:
         self._url = redis_url
         self._writes = writes or WriteBatch()
         self._name = name
-        self._node_channel = node_channel
+        # Subscribed for the connection's whole life: the node's replies, the control
+        # channel. Chat channels come and go with their sockets.
+        self._fixed = list(fixed_channels)
         self._on_message = on_message
         self._on_resubscribed = on_resubscribed
         self._on_reconnect = on_reconnect
@@ -133,7 +135,7 @@ class Subscriber:
             watchdog: asyncio.Task[None] | None = None
             try:
                 conn = await RespConnection.open(self._url, name=self._name)
-                channels = [self._node_channel, *self._refs]
+                channels = [*self._fixed, *self._refs]
                 self._confirmed.clear()
                 self._unsub_pending.clear()
                 self._expected = set(channels)

@@ -87,6 +87,9 @@ class Grant:
     chat_id: str
     user_id: str
     head: int
+    # Unix seconds when the token that was checked expires (None: never). Pushes stop
+    # then, whether or not the socket asks anything again.
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +106,11 @@ class Reply:
 def encode_reply_envelope(reply: Reply) -> bytes:
     """Node-channel payload: header line, then the client frame."""
     header: dict[str, Any] = {"c": reply.conn, "q": reply.req}
-    if reply.grant is not None:
-        header["g"] = [reply.grant.chat_id, reply.grant.user_id, reply.grant.head]
+    grant = reply.grant
+    if grant is not None:
+        header["g"] = [grant.chat_id, grant.user_id, grant.head]
+        if grant.expires_at is not None:
+            header["g"].append(grant.expires_at)
     if reply.revoke is not None:
         header["x"] = reply.revoke
     return orjson.dumps(header) + b"\n" + reply.frame
@@ -119,7 +125,7 @@ def decode_reply_envelope(data: bytes) -> Reply:
         conn=header["c"],
         req=header["q"],
         frame=data[cut + 1 :],
-        grant=Grant(grant[0], grant[1], grant[2]) if grant else None,
+        grant=Grant(*grant) if grant else None,
         revoke=header.get("x"),
     )
 
@@ -167,4 +173,42 @@ def decode_push(data: bytes) -> Push:
         stored_at=stored_at,
         mine=data[first + 1 : second],
         other=data[second + 1 :],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """Access that ended, announced on the control channel to every gateway.
+
+    ``user_ids`` left chat ``chat_id``; ``token_digests`` were revoked. A gateway drops
+    the matching sockets' grants at once, so they get no more pushes of those chats.
+    """
+
+    chat_id: str | None = None
+    user_ids: tuple[str, ...] = ()
+    token_digests: tuple[str, ...] = ()
+
+
+def encode_revocation(revocation: Revocation) -> bytes:
+    """Control-channel payload."""
+    return orjson.dumps(
+        {
+            "k": "revoke",
+            "ch": revocation.chat_id,
+            "u": list(revocation.user_ids),
+            "t": list(revocation.token_digests),
+        }
+    )
+
+
+def decode_revocation(data: bytes) -> Revocation | None:
+    """Inverse of :func:`encode_revocation`; None for a message of another kind (from a
+    newer version); raises ValueError/KeyError/TypeError when corrupt."""
+    raw = orjson.loads(data)
+    if raw.get("k") != "revoke":
+        return None
+    return Revocation(
+        chat_id=raw["ch"],
+        user_ids=tuple(str(u) for u in raw["u"]),
+        token_digests=tuple(str(t) for t in raw["t"]),
     )

@@ -39,6 +39,11 @@ class Keys:
         """Pub/sub channel of one chat: live pushes of stored messages."""
         return f"{self.prefix}:room:{chat_id}"
 
+    @property
+    def control_channel(self) -> str:
+        """Pub/sub channel every gateway (and worker) listens on: access that ended."""
+        return f"{self.prefix}:control"
+
     def chat_from_channel(self, channel: str) -> str | None:
         """The chat id of a chat channel name, or None for any other channel."""
         head = f"{self.prefix}:room:"

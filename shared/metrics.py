@@ -34,6 +34,10 @@ BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+# Why a socket's grant to a chat ended without a request of its own.
+GRANT_END_REASONS = ("member_removed", "token_revoked", "token_expired")
+
+
 class GatewayMetrics:
     """Metrics of one gateway process."""
 
@@ -85,6 +89,12 @@ class GatewayMetrics:
         self.slow_consumer_disconnects = Counter(
             "chat_gateway_slow_consumer_disconnects",
             "Sockets closed because they did not read their pushes.",
+            registry=r,
+        )
+        self.grants_revoked = Counter(
+            "chat_gateway_grants_revoked",
+            "Sockets' grants to a chat's pushes ended by a revocation or a token's expiry.",
+            ["reason"],
             registry=r,
         )
         self.chat_channels = Gauge(
@@ -267,6 +277,8 @@ def prime_gateway(metrics: GatewayMetrics) -> None:
     for reply_type in protocol.REPLY_TYPES:
         metrics.replies.labels(reply_type)
     metrics.redis_reconnects.labels(REDIS_COMPONENT_GATEWAY)
+    for reason in GRANT_END_REASONS:
+        metrics.grants_revoked.labels(reason)
 
 
 def prime_worker(metrics: WorkerMetrics) -> None:

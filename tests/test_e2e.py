@@ -232,7 +232,13 @@ async def test_revoked_token_and_removed_member(
 
 
 async def test_admin_cli(settings: Settings, seed: Seeder, stack: Stack, one_node: str) -> None:
-    env = {"PYTHONPATH": str(ROOT), "MONGO_URL": settings.mongo_url, "PATH": "/usr/bin:/bin"}
+    env = {
+        "PYTHONPATH": str(ROOT),
+        "MONGO_URL": settings.mongo_url,
+        "REDIS_URL": settings.redis_url,
+        "REDIS_PREFIX": settings.redis_prefix,
+        "PATH": "/usr/bin:/bin",
+    }
 
     def admin_sync(*args: str) -> dict:
         result = subprocess.run(
@@ -261,7 +267,8 @@ async def test_admin_cli(settings: Settings, seed: Seeder, stack: Stack, one_nod
     sent = await ivan_ws.send_text(chat, "Privet")
     assert sent["messages"][0]["username"] == "Ivan Petrov"
     assert (await anna_ws.push())["messages"][0]["text"] == "Privet"
-    assert await admin("revoke-token", "--token", second["token"]) == {"revoked": True}
+    revoked = await admin("revoke-token", "--token", second["token"])
+    assert revoked == {"revoked": True, "announced": True}
     await asyncio.sleep(settings.auth_cache_ttl + 0.2)
     assert (await ivan_ws.send_text(chat, "x"))["type"] == "token_validation_error"
     failed = await asyncio.to_thread(

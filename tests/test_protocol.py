@@ -14,12 +14,15 @@ from shared.codec import (
     Grant,
     Push,
     Reply,
+    Revocation,
     StreamEntry,
     decode_push,
     decode_reply_envelope,
+    decode_revocation,
     decode_stream_entry,
     encode_push,
     encode_reply_envelope,
+    encode_revocation,
     encode_stream_entry,
     token_digest,
 )
@@ -152,6 +155,17 @@ def test_codec_round_trips() -> None:
     assert decode_reply_envelope(encode_reply_envelope(reply)) == reply
     push = Push("c1", 3, "u1", "n1", 2, 1.25, b'{"a":"x\\ny"}', b'{"b":1}')
     assert decode_push(encode_push(push)) == push
+    expiring = Reply(4, 6, frame, grant=Grant("c1", "u", 8, 1_900_000_000.5))
+    assert decode_reply_envelope(encode_reply_envelope(expiring)) == expiring
+    # A worker of the previous version sends grants without an expiry.
+    old_grant = b'{"c":4,"q":5,"g":["c1","u",7]}\n' + frame
+    assert decode_reply_envelope(old_grant).grant == Grant("c1", "u", 7, None)
+    for revocation in (
+        Revocation(chat_id="c1", user_ids=("u1", "u2")),
+        Revocation(token_digests=(token_digest("t"),)),
+    ):
+        assert decode_revocation(encode_revocation(revocation)) == revocation
+    assert decode_revocation(b'{"k":"something-newer"}') is None
 
 
 def test_partitions_are_stable_and_keys_tagged() -> None:
@@ -161,3 +175,4 @@ def test_partitions_are_stable_and_keys_tagged() -> None:
     assert keys.stream(3) == "chat:stream:{p3}" and keys.stream_partition(keys.stream(3)) == 3
     assert keys.chat_from_channel(keys.chat_channel("a:b")) == "a:b"
     assert keys.chat_from_channel(keys.node_channel("n")) is None
+    assert keys.chat_from_channel(keys.control_channel) is None

@@ -26,6 +26,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from gateway.app import GUARD, HUB, METRICS
@@ -42,10 +43,11 @@ from gateway.limits import (
     parse_networks,
 )
 from shared import protocol
-from shared.codec import token_digest
+from shared.codec import Revocation, token_digest
 from shared.config import ConfigError, Settings
 from shared.logs import JsonFormatter
 from tests.support import Seeder, Stack
+from worker import admin
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 WAIT = 10.0  # upper bound for anything a test waits for (never a speed assertion)
@@ -979,6 +981,132 @@ async def test_removed_member_stops_within_the_ttl_and_gets_no_more_pushes(
     # That refusal also ended the socket's authorisation for the chat's pushes.
     await a.send_text(chat, "bob is gone")
     await b.no_push(0.5)
+
+
+async def _admin(settings: Settings, *args: str) -> dict[str, Any]:
+    """``python -m worker.admin ARGS`` against this test's MongoDB and Redis."""
+    return await admin.run(admin.build_parser().parse_args(list(args)), settings)
+
+
+async def _grants_revoked(stack: Stack, url: str) -> dict[str, float]:
+    async with stack.session.get(url + "metrics") as resp:
+        text = await resp.text()
+    return {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "chat_gateway_grants_revoked_total"
+    }
+
+
+async def test_announced_removal_and_revocation_end_pushes_and_requests_at_once(
+    stack: Stack, seed: Seeder, settings: Settings
+) -> None:
+    """``worker.admin remove-member`` and ``revoke-token`` announce the change: every
+    gateway stops those sockets' pushes at once, and the worker refuses their next
+    request at once, where its 30 s cache alone would have kept serving them."""
+    alice, a_token = await seed.user("Alice")
+    bob, b_token = await seed.user("Bob")
+    carol, c_token = await seed.user("Carol")
+    c_other = "c" * 32  # Carol's second token, on her second socket
+    await seed.store.tokens.insert_one({"_id": token_digest(c_other), "user_id": carol})
+    chat = await seed.chat(alice, bob, carol)
+    elsewhere = await seed.chat(alice, bob)
+    await stack.worker(auth_cache_ttl=30.0)
+    url = await stack.gateway()
+    a = await stack.client(url, a_token)
+    b = await stack.client(url, b_token)
+    c1 = await stack.client(url, c_token)
+    c2 = await stack.client(url, c_other)
+    for client in (b, c1, c2):
+        await client.join(chat)
+    await b.join(elsewhere)
+    await a.send_text(chat, "one")
+    for client in (b, c1, c2):
+        assert (await client.push())["messages"][0]["text"] == "one"
+
+    removed = await _admin(settings, "remove-member", "--chat-id", chat, "--user-id", bob)
+    assert removed == {"chat_id": chat, "user_id": bob, "changed": True, "announced": True}
+    await a.send_text(chat, "two")
+    for client in (c1, c2):
+        assert (await client.push())["messages"][0]["text"] == "two"
+    await b.no_push(0.5)
+    await a.send_text(elsewhere, "still here")  # his other chat is untouched
+    assert (await b.push())["messages"][0]["text"] == "still here"
+    assert (await b.request("get_history", chat))["type"] == "chat_not_exists"
+
+    revoked = await _admin(settings, "revoke-token", "--token", c_token)
+    assert revoked == {"revoked": True, "announced": True}
+    await a.send_text(chat, "three")
+    assert (await c2.push())["messages"][0]["text"] == "three"
+    await c1.no_push(0.5)
+    assert (await c1.request("get_history", chat))["type"] == "token_validation_error"
+    assert await _grants_revoked(stack, url) == {
+        "member_removed": 1.0,
+        "token_revoked": 1.0,
+        "token_expired": 0.0,
+    }
+
+
+async def test_a_grant_decided_before_a_revocation_does_not_bring_pushes_back(
+    stack: Stack, seed: Seeder, settings: Settings
+) -> None:
+    """A worker can answer from a view older than the revocation (its cache, a request
+    read just before). The reply goes out, but the gateway does not let it restart the
+    pushes until AUTH_CACHE_TTL_SECONDS + REQUEST_TIMEOUT_SECONDS have passed."""
+    alice, a_token = await seed.user("Alice")
+    dave, d_token = await seed.user("Dave")
+    chat = await seed.chat(alice, dave)
+    await stack.worker()
+    url = await stack.gateway(request_timeout=1.0)  # remembered for 0.5 + 1.0 s
+    a = await stack.client(url, a_token)
+    d = await stack.client(url, d_token)
+    await d.join(chat)
+    # Announced while MongoDB still lists Dave: every view the worker has is "older".
+    assert await admin.announce(settings, Revocation(chat_id=chat, user_ids=(dave,)))
+    await a.send_text(chat, "gone?")
+    await d.no_push(0.5)
+    assert (await d.request("get_history", chat))["type"] == "success"
+    await a.send_text(chat, "still gone")
+    await d.no_push(0.5)
+    await asyncio.sleep(1.0)  # past the window: a new grant counts again
+    assert (await d.request("get_history", chat))["type"] == "success"
+    await a.send_text(chat, "back")
+    assert (await d.push())["messages"][0]["text"] == "back"
+
+
+async def test_pushes_stop_when_the_token_expires(
+    stack: Stack, seed: Seeder, settings: Settings
+) -> None:
+    alice, a_token = await seed.user("Alice")
+    erin, _ = await seed.user("Erin")
+    short = "5" * 32
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5)
+    await seed.store.tokens.insert_one(
+        {"_id": token_digest(short), "user_id": erin, "expires_at": expires}
+    )
+    chat = await seed.chat(alice, erin)
+    await stack.worker()
+    url = await stack.gateway()
+    a = await stack.client(url, a_token)
+    e = await stack.client(url, short)
+    await e.join(chat)
+    await a.send_text(chat, "before")
+    assert (await e.push())["messages"][0]["text"] == "before"
+    await asyncio.sleep(max(0.0, expires.timestamp() - time.time()) + 0.1)
+    await a.send_text(chat, "after")
+    await e.no_push(0.5)
+    assert (await _grants_revoked(stack, url))["token_expired"] == 1.0
+
+
+async def test_admin_says_when_it_could_not_announce(seed: Seeder, settings: Settings) -> None:
+    """The change stands; the output says so and tells the operator to run it again."""
+    alice, _ = await seed.user("Alice")
+    chat = await seed.chat(alice)
+    unreachable = replace(settings, redis_url="redis://127.0.0.1:1/0")
+    result = await _admin(unreachable, "remove-member", "--chat-id", chat, "--user-id", alice)
+    assert result == {"chat_id": chat, "user_id": alice, "changed": True, "announced": False}
+    assert (await seed.store.chats.find_one({"_id": chat}))["member_ids"] == []
 
 
 # -- live: tokens -----------------------------------------------------------------------------

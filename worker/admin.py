@@ -8,6 +8,11 @@
     python -m worker.admin remove-member --chat-id ID --user-id ID
 
 Only a token's SHA-256 digest is stored; the token itself is printed once.
+
+``remove-member`` and ``revoke-token`` also announce the change to every gateway (Redis
+pub/sub), which stops the pushes of sockets already authorised with it at once rather
+than at their next request. If Redis cannot be reached the change stands, the output
+says ``"announced": false`` and the exit status is 1: run the command again.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from typing import Any
 
 import orjson
 from pymongo.errors import DuplicateKeyError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from shared.codec import token_digest
+from shared.codec import Revocation, encode_revocation, token_digest
 from shared.config import Settings
+from shared.keys import Keys
 from shared.protocol import check_media_url, normalise_id, normalise_url_prefixes
 
 from .store import Store, create_client
@@ -95,9 +103,36 @@ async def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     try:
         store = Store(client[settings.mongo_database])
         await store.ensure_indexes()
-        return await _dispatch(store, args)
+        result = await _dispatch(store, args)
     finally:
         await client.close()
+    revocation = _revocation(args)
+    if revocation is not None:
+        # Also when nothing changed: a second run announces what a first one could not.
+        result["announced"] = await announce(settings, revocation)
+    return result
+
+
+def _revocation(args: argparse.Namespace) -> Revocation | None:
+    if args.command == "remove-member":
+        return Revocation(chat_id=args.chat_id, user_ids=(args.user_id,))
+    if args.command == "revoke-token":
+        return Revocation(token_digests=(token_digest(args.token),))
+    return None
+
+
+async def announce(settings: Settings, revocation: Revocation) -> bool:
+    """Publish ``revocation`` to every gateway; False when Redis could not be reached."""
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        await redis.publish(
+            Keys(settings.redis_prefix).control_channel, encode_revocation(revocation)
+        )
+        return True
+    except (RedisError, OSError):
+        return False
+    finally:
+        await redis.aclose()
 
 
 async def _dispatch(store: Store, args: argparse.Namespace) -> dict[str, Any]:
@@ -161,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(orjson.dumps({"error": str(exc)}).decode() + "\n")
         return 1
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
-    return 0
+    return 1 if result.get("announced") is False else 0
 
 
 if __name__ == "__main__":

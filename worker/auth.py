@@ -2,7 +2,8 @@
 
 Unknown tokens and chats are cached too (as absent), so a flood of wrong tokens costs
 one query per distinct value per TTL. Revoking a token or removing a member takes
-effect within the TTL.
+effect within the TTL, and at once when it is announced on the control channel
+(``worker.admin`` does): :meth:`Authenticator.run_revocations` drops those entries.
 
 Entries in use are read again before they expire (:meth:`Authenticator.run_refresh`),
 in bulk and off the batch path: without it every hot token and chat expires once per
@@ -13,6 +14,7 @@ TTL inside some batch, which then waits for two or three extra MongoDB round tri
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -20,8 +22,10 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from shared.backoff import Backoff
+from shared.codec import Revocation, decode_revocation
 from shared.logs import describe_error
 from shared.metrics import WorkerMetrics
+from shared.resp import RespConnection, RespError
 
 from .store import Store
 
@@ -100,6 +104,11 @@ class TTLCache(Generic[V]):
         self._used.clear()
         return due
 
+    def drop(self, key: str) -> None:
+        """Forget one entry: the next look-up reads it from the source."""
+        self._data.pop(key, None)
+        self._used.discard(key)
+
     def clear(self) -> None:
         """Forget everything."""
         self._data.clear()
@@ -139,6 +148,46 @@ class Authenticator:
                 # Nothing is lost: the entries expire and batches load them as misses.
                 log.warning("auth cache refresh failed", extra={"error": describe_error(exc)})
                 await backoff.sleep()
+
+    def forget(self, revocation: Revocation) -> None:
+        """Drop what a revocation makes stale: the chat's members, the tokens."""
+        if revocation.chat_id is not None:
+            self.members.drop(revocation.chat_id)
+        for digest in revocation.token_digests:
+            self.identities.drop(digest)
+
+    async def run_revocations(self, redis_url: str, channel: str, name: str = "") -> None:
+        """Follow the control channel and :meth:`forget` what each revocation names,
+        until cancelled. A message missed while disconnected costs nothing worse than
+        the TTL: the entry expires, or the refresher reads it again, as without this."""
+        backoff = Backoff(cap=self.ttl)
+        while True:
+            conn: RespConnection | None = None
+            try:
+                conn = await RespConnection.open(redis_url, name=name)
+                conn.send(("SUBSCRIBE", channel))
+                backoff.reset()
+                while True:
+                    message = await conn.read()
+                    if not (isinstance(message, list) and message[:1] == [b"message"]):
+                        continue  # the subscription's confirmation
+                    try:
+                        revocation = decode_revocation(message[2])
+                    except (ValueError, KeyError, TypeError):
+                        log.error("dropping a corrupt control message")
+                        continue
+                    if revocation is not None:
+                        self.forget(revocation)
+            except asyncio.CancelledError:
+                raise
+            except (ConnectionError, OSError, RespError, TimeoutError) as exc:
+                log.warning("control channel lost", extra={"error": describe_error(exc)})
+            except Exception:
+                log.exception("control channel listener failed")
+            finally:
+                if conn is not None:
+                    conn.close()
+            await backoff.sleep()
 
     async def refresh(self, within: float) -> int:
         """Read again the entries in use that expire within ``within`` seconds; returns
@@ -217,7 +266,8 @@ class Authenticator:
 def _unix(value: Any) -> float | None:
     if value is None:
         return None
-    if hasattr(value, "timestamp"):
-        stamp: float = value.timestamp()
-        return stamp
+    if isinstance(value, dt.datetime):
+        # PyMongo returns naive datetimes in UTC; timestamp() would read them as local.
+        when: dt.datetime = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        return when.timestamp()
     return float(value)

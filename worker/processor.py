@@ -271,7 +271,7 @@ class Processor:
         frame = protocol.encode_reply(
             protocol.SUCCESS, entry.event_type, messages, None, entry.request_id
         )
-        grant = Grant(entry.chat_id, user, head)
+        grant = Grant(entry.chat_id, user, head, identity.expires_at)
         self.metrics.events.labels(entry.event_type, protocol.SUCCESS).inc()
         return Reply(entry.conn, entry.req, frame, grant=grant)
 
@@ -362,7 +362,7 @@ class Processor:
                 protocol.DETAIL_SUCCESS,
                 entry.request_id,
             )
-            grant = Grant(chat_id, identity.user_id, head)
+            grant = Grant(chat_id, identity.user_id, head, identity.expires_at)
             outcome.reply(entry.node, Reply(entry.conn, entry.req, mine, grant=grant))
             self.metrics.events.labels(entry.event_type, protocol.SUCCESS).inc()
             if not push:
