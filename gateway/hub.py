@@ -349,9 +349,17 @@ class Hub:
         return True
 
     def _leave(self, conn: Connection, chat_id: str) -> None:
-        """The socket no longer sees the chat: forget it and drop its channel reference."""
-        if conn.chats.pop(chat_id, None) is None:
+        """The socket no longer sees the chat: forget it and drop its channel reference.
+
+        Replies of its own held back for order (behind a gap being filled) are sent
+        first: they answer requests that were authorised, and nothing else would.
+        """
+        state = conn.chats.pop(chat_id, None)
+        if state is None:
             return
+        if state.held and not conn.closed:
+            for seq in sorted(state.held):
+                conn.send(state.held[seq])
         members = self.chats.get(chat_id)
         if members is not None:
             members.pop(conn.conn_id, None)

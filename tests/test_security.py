@@ -1075,6 +1075,31 @@ async def test_a_grant_decided_before_a_revocation_does_not_bring_pushes_back(
     assert (await d.push())["messages"][0]["text"] == "back"
 
 
+async def test_a_reply_held_for_order_goes_out_when_the_grant_ends(
+    stack: Stack, seed: Seeder, settings: Settings
+) -> None:
+    """A socket's own reply held back behind a gap being filled answers a request that
+    was authorised. Ending the grant sends it: dropped, nothing would ever answer that
+    request and the client would wait for it forever."""
+    alice, _ = await seed.user("Alice")
+    dave, d_token = await seed.user("Dave")
+    chat = await seed.chat(alice, dave)
+    await stack.worker()
+    url = await stack.gateway()
+    d = await stack.client(url, d_token)
+    await d.join(chat)
+    hub = app_of(stack, url)[HUB]
+    (conn,) = hub.connections.values()
+    state = conn.chats[chat]
+    # What the hub keeps when the socket's own send lands one id past a gap.
+    reply = {"type": "success", "event_type": "send_message", "request_id": "held"}
+    state.hold(state.last_seq + 2, orjson.dumps(reply))
+    assert await admin.announce(settings, Revocation(chat_id=chat, user_ids=(dave,)))
+    assert await d.reply() == reply
+    assert chat not in conn.chats
+    await d.no_push(0.2)
+
+
 async def test_pushes_stop_when_the_token_expires(
     stack: Stack, seed: Seeder, settings: Settings
 ) -> None:
