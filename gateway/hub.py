@@ -23,13 +23,14 @@ import orjson
 
 from shared import protocol
 from shared.codec import (
+    Admission,
     Grant,
     Push,
     Revocation,
     StreamEntry,
+    decode_control,
     decode_push,
     decode_reply_envelope,
-    decode_revocation,
     encode_stream_entry,
     token_digest,
 )
@@ -231,9 +232,11 @@ class Hub:
             if chat_id is not None:
                 self._on_push(chat_id, decode_push(data))
             elif channel == self.keys.control_channel:
-                revocation = decode_revocation(data)
-                if revocation is not None:
-                    self.revoke(revocation)
+                control = decode_control(data)
+                if isinstance(control, Revocation):
+                    self.revoke(control)
+                elif isinstance(control, Admission):
+                    self.admit(control)
             else:
                 self._on_reply(data)
         except Exception:
@@ -402,6 +405,12 @@ class Hub:
             "revocation",
             extra={"grants_ended": removed + token_revoked, "tokens": len(digests)},
         )
+
+    def admit(self, admission: Admission) -> None:
+        """Forget earlier removals of these users from the chat: a member added back gets
+        pushes from its next granted request, not only once the removal is forgotten."""
+        for user in admission.user_ids:
+            self._revoked.pop((admission.chat_id, user), None)
 
     def _remember(self, key: tuple[str, str] | str, until: float) -> None:
         self._revoked.pop(key, None)  # re-inserted last: the order is the expiry order

@@ -178,7 +178,7 @@ def decode_push(data: bytes) -> Push:
 
 @dataclass(frozen=True, slots=True)
 class Revocation:
-    """Access that ended, announced on the control channel to every gateway.
+    """Access that ended, announced on the control channel to every gateway and worker.
 
     ``user_ids`` left chat ``chat_id``; ``token_digests`` were revoked. A gateway drops
     the matching sockets' grants at once, so they get no more pushes of those chats.
@@ -189,26 +189,47 @@ class Revocation:
     token_digests: tuple[str, ...] = ()
 
 
-def encode_revocation(revocation: Revocation) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Users added to a chat, announced on the control channel.
+
+    A gateway forgets an earlier removal of theirs, so a grant for them counts again at
+    once rather than after the window a revocation is remembered for; a worker reads the
+    chat's members again on its next request instead of within its cache's TTL.
+    """
+
+    chat_id: str
+    user_ids: tuple[str, ...]
+
+
+ControlMessage = Revocation | Admission
+
+
+def encode_control(message: ControlMessage) -> bytes:
     """Control-channel payload."""
+    if isinstance(message, Admission):
+        return orjson.dumps({"k": "admit", "ch": message.chat_id, "u": list(message.user_ids)})
     return orjson.dumps(
         {
             "k": "revoke",
-            "ch": revocation.chat_id,
-            "u": list(revocation.user_ids),
-            "t": list(revocation.token_digests),
+            "ch": message.chat_id,
+            "u": list(message.user_ids),
+            "t": list(message.token_digests),
         }
     )
 
 
-def decode_revocation(data: bytes) -> Revocation | None:
-    """Inverse of :func:`encode_revocation`; None for a message of another kind (from a
+def decode_control(data: bytes) -> ControlMessage | None:
+    """Inverse of :func:`encode_control`; None for a message of another kind (from a
     newer version); raises ValueError/KeyError/TypeError when corrupt."""
     raw = orjson.loads(data)
-    if raw.get("k") != "revoke":
-        return None
-    return Revocation(
-        chat_id=raw["ch"],
-        user_ids=tuple(str(u) for u in raw["u"]),
-        token_digests=tuple(str(t) for t in raw["t"]),
-    )
+    kind = raw.get("k")
+    if kind == "revoke":
+        return Revocation(
+            chat_id=raw["ch"],
+            user_ids=tuple(str(u) for u in raw["u"]),
+            token_digests=tuple(str(t) for t in raw["t"]),
+        )
+    if kind == "admit":
+        return Admission(chat_id=str(raw["ch"]), user_ids=tuple(str(u) for u in raw["u"]))
+    return None

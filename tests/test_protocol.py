@@ -11,18 +11,19 @@ from hypothesis import strategies as st
 
 from shared import protocol
 from shared.codec import (
+    Admission,
     Grant,
     Push,
     Reply,
     Revocation,
     StreamEntry,
+    decode_control,
     decode_push,
     decode_reply_envelope,
-    decode_revocation,
     decode_stream_entry,
+    encode_control,
     encode_push,
     encode_reply_envelope,
-    encode_revocation,
     encode_stream_entry,
     token_digest,
 )
@@ -160,12 +161,20 @@ def test_codec_round_trips() -> None:
     # A worker of the previous version sends grants without an expiry.
     old_grant = b'{"c":4,"q":5,"g":["c1","u",7]}\n' + frame
     assert decode_reply_envelope(old_grant).grant == Grant("c1", "u", 7, None)
-    for revocation in (
+    for control in (
         Revocation(chat_id="c1", user_ids=("u1", "u2")),
         Revocation(token_digests=(token_digest("t"),)),
+        Admission(chat_id="c1", user_ids=("u1",)),
     ):
-        assert decode_revocation(encode_revocation(revocation)) == revocation
-    assert decode_revocation(b'{"k":"something-newer"}') is None
+        assert decode_control(encode_control(control)) == control
+    assert decode_control(b'{"k":"something-newer"}') is None
+    # The wire form of a revocation is the one the previous version reads.
+    assert orjson.loads(encode_control(Revocation(chat_id="c", user_ids=("u",)))) == {
+        "k": "revoke",
+        "ch": "c",
+        "u": ["u"],
+        "t": [],
+    }
 
 
 def test_partitions_are_stable_and_keys_tagged() -> None:

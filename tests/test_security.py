@@ -1075,6 +1075,34 @@ async def test_a_grant_decided_before_a_revocation_does_not_bring_pushes_back(
     assert (await d.push())["messages"][0]["text"] == "back"
 
 
+async def test_a_member_added_back_is_served_and_pushed_to_at_once(
+    stack: Stack, seed: Seeder, settings: Settings
+) -> None:
+    """Removed, then added back well within the window a removal is remembered for (and
+    the worker's 30 s cache): the announced addition lifts both at once."""
+    alice, a_token = await seed.user("Alice")
+    bob, b_token = await seed.user("Bob")
+    chat = await seed.chat(alice, bob)
+    await stack.worker(auth_cache_ttl=30.0)
+    url = await stack.gateway(auth_cache_ttl=30.0)  # a removal is remembered for 30 s +
+    a = await stack.client(url, a_token)
+    b = await stack.client(url, b_token)
+    await b.join(chat)
+    await _admin(settings, "remove-member", "--chat-id", chat, "--user-id", bob)
+    assert (await b.request("get_history", chat))["type"] == "chat_not_exists"
+
+    added = await _admin(settings, "add-member", "--chat-id", chat, "--user-id", bob)
+    assert added == {"chat_id": chat, "user_id": bob, "changed": True, "announced": True}
+    # The worker reads the announcement on a connection of its own, so its first request
+    # may still race it by a moment; its cache alone would refuse Bob for 30 s.
+    deadline = time.monotonic() + WAIT
+    while (await b.request("get_history", chat))["type"] != "success":
+        assert time.monotonic() < deadline, "the worker still refuses a member added back"
+        await asyncio.sleep(0.05)
+    await a.send_text(chat, "welcome back")
+    assert (await b.push())["messages"][0]["text"] == "welcome back"
+
+
 async def test_a_reply_held_for_order_goes_out_when_the_grant_ends(
     stack: Stack, seed: Seeder, settings: Settings
 ) -> None:

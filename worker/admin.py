@@ -11,7 +11,8 @@ Only a token's SHA-256 digest is stored; the token itself is printed once.
 
 ``remove-member`` and ``revoke-token`` also announce the change to every gateway (Redis
 pub/sub), which stops the pushes of sockets already authorised with it at once rather
-than at their next request. If Redis cannot be reached the change stands, the output
+than at their next request; ``add-member`` announces too, so a member added back is
+served and pushed to at once. If Redis cannot be reached the change stands, the output
 says ``"announced": false`` and the exit status is 1: run the command again.
 """
 
@@ -29,7 +30,7 @@ from pymongo.errors import DuplicateKeyError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.codec import Revocation, encode_revocation, token_digest
+from shared.codec import Admission, ControlMessage, Revocation, encode_control, token_digest
 from shared.config import Settings
 from shared.keys import Keys
 from shared.protocol import check_media_url, normalise_id, normalise_url_prefixes
@@ -106,28 +107,29 @@ async def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         result = await _dispatch(store, args)
     finally:
         await client.close()
-    revocation = _revocation(args)
-    if revocation is not None:
+    control = _control_message(args)
+    if control is not None:
         # Also when nothing changed: a second run announces what a first one could not.
-        result["announced"] = await announce(settings, revocation)
+        result["announced"] = await announce(settings, control)
     return result
 
 
-def _revocation(args: argparse.Namespace) -> Revocation | None:
+def _control_message(args: argparse.Namespace) -> ControlMessage | None:
     if args.command == "remove-member":
         return Revocation(chat_id=args.chat_id, user_ids=(args.user_id,))
+    if args.command == "add-member":
+        return Admission(chat_id=args.chat_id, user_ids=(args.user_id,))
     if args.command == "revoke-token":
         return Revocation(token_digests=(token_digest(args.token),))
     return None
 
 
-async def announce(settings: Settings, revocation: Revocation) -> bool:
-    """Publish ``revocation`` to every gateway; False when Redis could not be reached."""
+async def announce(settings: Settings, message: ControlMessage) -> bool:
+    """Publish ``message`` to every gateway and worker; False when Redis could not be
+    reached."""
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
     try:
-        await redis.publish(
-            Keys(settings.redis_prefix).control_channel, encode_revocation(revocation)
-        )
+        await redis.publish(Keys(settings.redis_prefix).control_channel, encode_control(message))
         return True
     except (RedisError, OSError):
         return False

@@ -3,7 +3,8 @@
 Unknown tokens and chats are cached too (as absent), so a flood of wrong tokens costs
 one query per distinct value per TTL. Revoking a token or removing a member takes
 effect within the TTL, and at once when it is announced on the control channel
-(``worker.admin`` does): :meth:`Authenticator.run_revocations` drops those entries.
+(``worker.admin`` does): :meth:`Authenticator.run_control` drops those entries, and
+re-reads a chat's members when one is added.
 
 Entries in use are read again before they expire (:meth:`Authenticator.run_refresh`),
 in bulk and off the batch path: without it every hot token and chat expires once per
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from shared.backoff import Backoff
-from shared.codec import Revocation, decode_revocation
+from shared.codec import ControlMessage, Revocation, decode_control
 from shared.logs import describe_error
 from shared.metrics import WorkerMetrics
 from shared.resp import RespConnection, RespError
@@ -149,17 +150,18 @@ class Authenticator:
                 log.warning("auth cache refresh failed", extra={"error": describe_error(exc)})
                 await backoff.sleep()
 
-    def forget(self, revocation: Revocation) -> None:
-        """Drop what a revocation makes stale: the chat's members, the tokens."""
-        if revocation.chat_id is not None:
-            self.members.drop(revocation.chat_id)
-        for digest in revocation.token_digests:
-            self.identities.drop(digest)
+    def forget(self, message: ControlMessage) -> None:
+        """Drop what a control message makes stale: the chat's members, the tokens."""
+        if message.chat_id is not None:
+            self.members.drop(message.chat_id)
+        if isinstance(message, Revocation):
+            for digest in message.token_digests:
+                self.identities.drop(digest)
 
-    async def run_revocations(self, redis_url: str, channel: str, name: str = "") -> None:
-        """Follow the control channel and :meth:`forget` what each revocation names,
-        until cancelled. A message missed while disconnected costs nothing worse than
-        the TTL: the entry expires, or the refresher reads it again, as without this."""
+    async def run_control(self, redis_url: str, channel: str, name: str = "") -> None:
+        """Follow the control channel and :meth:`forget` what each message names, until
+        cancelled. A message missed while disconnected costs nothing worse than the
+        TTL: the entry expires, or the refresher reads it again, as without this."""
         backoff = Backoff(cap=self.ttl)
         while True:
             conn: RespConnection | None = None
@@ -172,12 +174,12 @@ class Authenticator:
                     if not (isinstance(message, list) and message[:1] == [b"message"]):
                         continue  # the subscription's confirmation
                     try:
-                        revocation = decode_revocation(message[2])
+                        control = decode_control(message[2])
                     except (ValueError, KeyError, TypeError):
                         log.error("dropping a corrupt control message")
                         continue
-                    if revocation is not None:
-                        self.forget(revocation)
+                    if control is not None:
+                        self.forget(control)
             except asyncio.CancelledError:
                 raise
             except (ConnectionError, OSError, RespError, TimeoutError) as exc:
