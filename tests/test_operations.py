@@ -1187,11 +1187,8 @@ def test_nginx_configs_validate(tmp_path: Path) -> None:
 
 
 def test_prometheus_config_and_alert_rules() -> None:
-    """``promtool check config`` (with alerts.yml) and the alert unit tests, when
-    promtool is installed (optional: it is not a dependency of the stack)."""
-    promtool = shutil.which("promtool") or shutil.which("promtool", path=SBIN_PATH)
-    if promtool is None:
-        pytest.skip("promtool is not installed (optional: apt-get install prometheus)")
+    """``promtool check config`` (with alerts.yml) and the alert unit tests."""
+    promtool = tool("promtool")
     prom_dir = ROOT / "deploy" / "prometheus"
     for argv in (
         [promtool, "check", "config", "prometheus.yml"],

@@ -41,7 +41,7 @@ def ensure_chromium() -> str | None:
 
 # Commands the operations tests run (tests/test_operations.py), and their apt packages.
 # When one cannot be installed those tests skip with the reason (fail under CI=true).
-APT_TOOLS = {"nginx": "nginx", "docker-compose": "docker-compose"}
+APT_TOOLS = {"nginx": "nginx", "docker-compose": "docker-compose", "promtool": "prometheus"}
 
 
 def ensure_tool(command: str, package: str) -> str | None:
