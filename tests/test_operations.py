@@ -37,6 +37,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from deploy.local.prepare import TOOLS_BIN
 from deploy.local.servers import free_port
 from shared.codec import token_digest
 from shared.config import Settings
@@ -62,10 +63,10 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 
 def tool(name: str) -> str:
     """Path of an installed command; skip (fail under CI=true) when it is missing."""
-    found = shutil.which(name) or shutil.which(name, path=SBIN_PATH)
+    found = shutil.which(name) or shutil.which(name, path=f"{TOOLS_BIN}:{SBIN_PATH}")
     if found:
         return found
-    reason = f"`{name}` is not installed (deploy/local/prepare.py installs it with apt-get)"
+    reason = f"`{name}` is not installed (deploy/local/prepare.py gets it from apt)"
     if IN_CI:
         pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
     pytest.skip(reason)

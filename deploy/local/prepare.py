@@ -4,7 +4,9 @@ Installs what is missing (redis-server from apt; mongod comes with the dev wheel
 the test session itself only starts processes. Also Debian's ``chromium`` for the
 browser tests (Playwright drives it through ``executable_path``): when it cannot be
 installed the run goes on, the reason is written to ``CHROMIUM_UNAVAILABLE`` and the
-browser tests skip with it (outside CI; with ``CI=true`` they fail instead).
+browser tests skip with it (outside CI; with ``CI=true`` they fail instead). And the
+commands the operations tests run: nginx and docker-compose installed from apt, promtool
+copied out of apt's prometheus package (see EXTRACTED_TOOLS).
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from deploy.local.servers import SetupError, _apt_install, ensure_mongod, ensure_redis_server
+from deploy.local.servers import (
+    SetupError,
+    _apt_extract,
+    _apt_install,
+    ensure_mongod,
+    ensure_redis_server,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -40,14 +48,20 @@ def ensure_chromium() -> str | None:
 
 
 # Commands the operations tests run (tests/test_operations.py), and their apt packages.
-# When one cannot be installed those tests skip with the reason (fail under CI=true).
-APT_TOOLS = {"nginx": "nginx", "docker-compose": "docker-compose", "promtool": "prometheus"}
+# When one cannot be had those tests skip with the reason (fail under CI=true).
+APT_TOOLS = {"nginx": "nginx", "docker-compose": "docker-compose"}
+# Commands taken out of their apt package into TOOLS_BIN rather than installed with it:
+# installing prometheus would also start a Prometheus server on :9090 and, as a
+# recommendation, node-exporter on :9100 (the worker's default port) on a host with
+# systemd, where the tests need only promtool.
+EXTRACTED_TOOLS = {"promtool": "prometheus"}
+TOOLS_BIN = ROOT / ".var" / "tools" / "bin"
+SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")
 
 
 def ensure_tool(command: str, package: str) -> str | None:
     """Path of ``command``, installed from apt ``package`` when missing; None if it cannot be."""
-    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")
-    found = shutil.which(command, path=path)
+    found = shutil.which(command, path=SEARCH_PATH)
     if found:
         return found
     try:
@@ -55,7 +69,21 @@ def ensure_tool(command: str, package: str) -> str | None:
     except (SetupError, OSError) as exc:
         print(f"[prepare] {command}: {exc}; the tests that need it will skip", file=sys.stderr)
         return None
-    return shutil.which(command, path=path)
+    return shutil.which(command, path=SEARCH_PATH)
+
+
+def ensure_extracted(command: str, package: str) -> str | None:
+    """Path of ``command``: on PATH, in TOOLS_BIN, else copied there out of apt's
+    ``package``; None if it cannot be had."""
+    found = shutil.which(command, path=f"{TOOLS_BIN}:{SEARCH_PATH}")
+    if found:
+        return found
+    try:
+        _apt_extract(package, f"usr/bin/{command}", TOOLS_BIN / command)
+    except (SetupError, OSError, ValueError) as exc:
+        print(f"[prepare] {command}: {exc}; the tests that need it will skip", file=sys.stderr)
+        return None
+    return str(TOOLS_BIN / command)
 
 
 def main() -> int:
@@ -71,6 +99,9 @@ def main() -> int:
         print(f"[prepare] chromium: {chromium}", flush=True)
     for command, package in APT_TOOLS.items():
         print(f"[prepare] {command}: {ensure_tool(command, package) or 'missing'}", flush=True)
+    for command, package in EXTRACTED_TOOLS.items():
+        found = ensure_extracted(command, package)
+        print(f"[prepare] {command}: {found or 'missing'}", flush=True)
     return 0
 
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,21 +55,45 @@ def require_free(port: int, what: str, variable: str) -> None:
         )
 
 
-def _apt_install(package: str) -> None:
+def _apt(package: str, action: list[str], cwd: Path | None = None) -> None:
+    """``apt-get update``, then ``apt-get ACTION`` (as root, through sudo when needed)."""
     if os.geteuid() != 0 and shutil.which("sudo") is None:
         raise SetupError(f"{package} is not installed and this user cannot run apt-get")
     prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     # Another apt may be running (CI images, unattended upgrades): wait for its lock.
     lock = ["-o", "DPkg::Lock::Timeout=600"]
-    print(f"[setup] installing {package} with apt-get ...", file=sys.stderr, flush=True)
-    for args in (
-        ["apt-get", *lock, "update", "-qq"],
-        ["apt-get", *lock, "install", "-y", "-qq", package],
-    ):
-        result = subprocess.run(prefix + args, env=env, capture_output=True, text=True)
+    for args in (["apt-get", *lock, "update", "-qq"], ["apt-get", *lock, *action]):
+        result = subprocess.run(prefix + args, env=env, capture_output=True, text=True, cwd=cwd)
         if result.returncode != 0:
             raise SetupError(f"`{' '.join(args)}` failed:\n{result.stderr[-2000:]}")
+
+
+def _apt_install(package: str) -> None:
+    print(f"[setup] installing {package} with apt-get ...", file=sys.stderr, flush=True)
+    _apt(package, ["install", "-y", "-qq", package])
+
+
+def _apt_extract(package: str, member: str, dest: Path) -> None:
+    """Copy one file (``member``, e.g. ``usr/bin/promtool``) out of Debian's ``package`` to
+    ``dest`` without installing the package: nothing of its maintainer scripts runs, so
+    no service is started and nothing it recommends comes along."""
+    print(f"[setup] taking {member} out of apt's {package} ...", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        _apt(package, ["download", "-qq", package], cwd=work)
+        (deb,) = work.glob("*.deb")
+        unpacked = work / "unpacked"
+        result = subprocess.run(
+            ["dpkg-deb", "-x", str(deb), str(unpacked)], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise SetupError(f"`dpkg-deb -x {deb.name}` failed:\n{result.stderr[-2000:]}")
+        source = unpacked / member
+        if not source.is_file():
+            raise SetupError(f"{package} has no {member}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, dest)
 
 
 def ensure_redis_server() -> str:
