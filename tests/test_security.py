@@ -1084,7 +1084,8 @@ async def test_a_member_added_back_is_served_and_pushed_to_at_once(
     bob, b_token = await seed.user("Bob")
     chat = await seed.chat(alice, bob)
     await stack.worker(auth_cache_ttl=30.0)
-    url = await stack.gateway(auth_cache_ttl=30.0)  # a removal is remembered for 30 s +
+    # The gateway remembers a removal for AUTH_CACHE_TTL + REQUEST_TIMEOUT: 30 s and more.
+    url = await stack.gateway(auth_cache_ttl=30.0)
     a = await stack.client(url, a_token)
     b = await stack.client(url, b_token)
     await b.join(chat)
