@@ -75,6 +75,7 @@ class Settings:
     auth_cache_ttl: float = 5.0
     stream_maxlen: int = 1_000_000
     retry_backoff_max: float = 2.0
+    mongo_wire: bool = True
 
     # Abuse limits (gateway); docs/security.md explains each one.
     rate_limit_per_second: float = 50.0  # 0: no rate limit
@@ -180,6 +181,7 @@ _ENV_NAMES: dict[str, str] = {
     "auth_cache_ttl": "AUTH_CACHE_TTL_SECONDS",
     "stream_maxlen": "STREAM_MAXLEN",
     "retry_backoff_max": "RETRY_BACKOFF_MAX_SECONDS",
+    "mongo_wire": "MONGO_WIRE",
     "rate_limit_per_second": "RATE_LIMIT_PER_SECOND",
     "rate_limit_burst": "RATE_LIMIT_BURST",
     "rate_limit_close_after": "RATE_LIMIT_CLOSE_AFTER",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.store import create_client, names_write_concern
+from worker.store import client_options, create_client, names_write_concern
 
 
 @pytest.mark.parametrize(
@@ -36,3 +36,11 @@ def test_names_write_concern() -> None:
     assert names_write_concern("mongodb://h/chat?Journal=true")
     assert names_write_concern("mongodb://h/chat?appname=x;w=1")
     assert names_write_concern("mongodb+srv://u:p@h/chat?retryWrites=true&w=majority")
+
+
+def test_the_urls_own_options_win_over_the_workers_defaults() -> None:
+    options = client_options("mongodb://h/chat?socketTimeoutMS=300&APPNAME=x&retryWrites=true")
+    assert "socketTimeoutMS" not in options and "appname" not in options
+    assert "retryWrites" not in options
+    assert options["connectTimeoutMS"] == 3000 and options["journal"] is True
+    assert client_options("mongodb://h/chat")["socketTimeoutMS"] == 10000

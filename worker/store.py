@@ -20,6 +20,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.uri_parser import split_options
 
+from .wire import WireClient
+
 Doc = dict[str, Any]
 
 # Unique per chat: a stale partition owner that reuses a sequence id fails to insert.
@@ -41,34 +43,45 @@ def client_options(url: str, **kwargs: Any) -> dict[str, Any]:
     with MongoDB's default (``w: 1`` alone) a mongod crash can lose the last ~100 ms of
     acknowledged writes, which no client would ever send again.
     """
-    options: dict[str, Any] = {
+    defaults: dict[str, Any] = {
         "serverSelectionTimeoutMS": 3000,
         "connectTimeoutMS": 3000,
         "socketTimeoutMS": 10000,
         "retryWrites": False,  # a standalone mongod has no retryable writes
         "appname": "chat-worker",
     }
+    # PyMongo lets keyword options override the URL's: the URL's own choices win here.
+    named = {name.lower() for name in _url_options(url)}
+    options = {name: value for name, value in defaults.items() if name.lower() not in named}
     if not names_write_concern(url):
         options["journal"] = True
     options.update(kwargs)
     return options
 
 
+def _url_options(url: str) -> dict[str, Any]:
+    query = url.partition("?")[2]
+    return dict(split_options(query)) if query else {}
+
+
 def names_write_concern(url: str) -> bool:
     """True when the MongoDB URI's options set ``w`` or ``journal`` (read by PyMongo's
     own option parser: case-insensitive names, ``&`` or ``;`` between options)."""
-    query = url.partition("?")[2]
-    if not query:
-        return False
-    options = split_options(query)
+    options = _url_options(url)
     return "w" in options or "journal" in options
 
 
 class Store:
-    """The chat's collections in one database."""
+    """The chat's collections in one database.
 
-    def __init__(self, db: AsyncDatabase[Doc]) -> None:
+    With a :class:`~worker.wire.WireClient`, the two calls made per batch (inserting
+    messages, reading a page) go over its lean connection; everything else, and both of
+    those without one, through PyMongo.
+    """
+
+    def __init__(self, db: AsyncDatabase[Doc], wire: WireClient | None = None) -> None:
         self.db = db
+        self.wire = wire
         self.users: AsyncCollection[Doc] = db["users"]
         self.tokens: AsyncCollection[Doc] = db["tokens"]
         self.chats: AsyncCollection[Doc] = db["chats"]
@@ -156,7 +169,11 @@ class Store:
 
     async def insert_messages(self, docs: Sequence[Doc]) -> None:
         """Insert in order; stops at the first failure (the caller retries the rest)."""
-        if docs:
+        if not docs:
+            return
+        if self.wire is not None:
+            await self.wire.insert("messages", docs, self.messages.write_concern.document)
+        else:
             await self.messages.insert_many(list(docs), ordered=True)
 
     async def history(
@@ -177,12 +194,15 @@ class Store:
             bounds["$lt"] = before
         if bounds:
             query["seq"] = bounds
-        # to_list takes the whole batch in one await; iterating the cursor costs a
-        # coroutine step per document (~10 % of the client CPU of a page of 50).
-        if after is not None:
-            return await self.messages.find(query).sort("seq", ASCENDING).limit(limit).to_list()
-        page = await self.messages.find(query).sort("seq", DESCENDING).limit(limit).to_list()
-        page.reverse()
+        order = ASCENDING if after is not None else DESCENDING
+        if self.wire is not None:
+            page = await self.wire.find("messages", query, sort={"seq": order}, limit=limit)
+        else:
+            # to_list takes the whole batch in one await; iterating the cursor costs a
+            # coroutine step per document (~10 % of the client CPU of a page of 50).
+            page = await self.messages.find(query).sort("seq", order).limit(limit).to_list()
+        if order == DESCENDING:
+            page.reverse()
         return page
 
     # -- admin -------------------------------------------------------------------

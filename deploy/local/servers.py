@@ -230,8 +230,12 @@ def redis_server(
     )
 
 
-def mongo_server(port: int, data_dir: Path, *, database: str = "chat") -> LocalServer:
-    """A standalone mongod on loopback with a small cache (this is a 2-core dev box)."""
+def mongo_server(
+    port: int, data_dir: Path, *, database: str = "chat", extra: list[str] | None = None
+) -> LocalServer:
+    """A standalone mongod on loopback with a small cache (this is a 2-core dev box).
+
+    ``extra``: more ``mongod`` arguments (e.g. ``["--auth"]`` or ``["--replSet", "rs"]``)."""
     binary = ensure_mongod()
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -242,6 +246,7 @@ def mongo_server(port: int, data_dir: Path, *, database: str = "chat") -> LocalS
         "--wiredTigerCacheSizeGB", "1",
         "--setParameter", "diagnosticDataCollectionEnabled=false",
         "--quiet",
+        *(extra or []),
     ]  # fmt: skip
     return LocalServer(
         "mongo",

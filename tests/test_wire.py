@@ -1,0 +1,365 @@
+"""The lean MongoDB connection (worker/wire.py) against real mongod servers.
+
+What it must do is what PyMongo does for the same call: the same documents stored and
+read, the same exceptions for duplicates, lost connections and a primary stepping down,
+SCRAM with the password PyMongo would use. A small TCP relay between the client and the
+session's mongod cuts or stalls the connection; the relay only copies bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from pymongo import AsyncMongoClient, MongoClient
+from pymongo.errors import (
+    AutoReconnect,
+    BulkWriteError,
+    NetworkTimeout,
+    NotPrimaryError,
+    OperationFailure,
+)
+
+from deploy.local.servers import LOOPBACK, LocalServer, free_port, mongo_server
+from shared.config import Settings
+from worker.app import wire_client
+from worker.processor import _duplicate_index
+from worker.store import Doc, Store, create_client
+from worker.wire import WireClient, unsupported
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _docs(chat: str, first: int, count: int) -> list[Doc]:
+    return [
+        {
+            "_id": f"{chat}-{seq}",
+            "chat_id": chat,
+            "seq": seq,
+            "user_id": "7",
+            "username": "Ann",
+            "avatar": None,
+            "type": "text",
+            "text": f"message {seq} ✓ ünïcode",
+            "file_url": None,
+            "created_at": 1_700_000_000 + seq,
+        }
+        for seq in range(first, first + count)
+    ]
+
+
+@contextlib.asynccontextmanager
+async def _stores(url: str, database: str) -> AsyncIterator[tuple[Store, Store, WireClient]]:
+    """The same database through PyMongo alone and through the lean connection."""
+    client = create_client(url)
+    wire = WireClient(client, url, database)
+    try:
+        yield Store(client[database]), Store(client[database], wire), wire
+    finally:
+        wire.close()
+        await client.close()
+
+
+async def test_stored_and_read_as_pymongo_stores_and_reads(
+    settings: Settings, cleanup: None
+) -> None:
+    async with _stores(settings.mongo_url, settings.mongo_database) as (plain, lean, _):
+        await plain.ensure_indexes()
+        await lean.insert_messages(_docs("c1", 1, 120))
+        await plain.insert_messages(_docs("c2", 1, 3))
+        stored = await plain.messages.find({"chat_id": "c1"}).sort("seq", 1).to_list()
+        assert stored == _docs("c1", 1, 120)
+        for query in (
+            {"limit": 50},
+            {"limit": 50, "before": 40},
+            {"limit": 20, "after": 100},
+            {"limit": 200, "after": 0},
+            {"limit": 5, "before": 1},
+        ):
+            page = await lean.history("c1", **query)
+            assert page == await plain.history("c1", **query), query
+        assert [d["seq"] for d in await lean.history("c1", limit=3, before=40)] == [37, 38, 39]
+        assert await lean.history("nobody", limit=50) == []
+
+
+async def test_duplicates_fail_as_insert_many_fails(settings: Settings, cleanup: None) -> None:
+    async with _stores(settings.mongo_url, settings.mongo_database) as (plain, lean, _):
+        await plain.ensure_indexes()
+        await plain.insert_messages(_docs("c1", 1, 2))
+        failures: list[BulkWriteError] = []
+        for store, chat in ((plain, "c1"), (lean, "c1")):
+            # Ordered: the two before the duplicate go in, the one after does not.
+            batch = [*_docs(chat, 10, 2), _docs(chat, 2, 1)[0] | {"_id": "other"}]
+            batch.append(_docs(chat, 20, 1)[0])
+            with pytest.raises(BulkWriteError) as caught:
+                await store.insert_messages(batch)
+            failures.append(caught.value)
+            await plain.messages.delete_many({"seq": {"$gte": 10}})
+        ours, theirs = failures[1].details, failures[0].details
+        assert ours["nInserted"] == theirs["nInserted"] == 2
+        assert [e["code"] for e in ours["writeErrors"]] == [11000]
+        assert ours["writeErrors"][0]["keyPattern"] == theirs["writeErrors"][0]["keyPattern"]
+        assert ours["writeErrors"][0]["index"] == theirs["writeErrors"][0]["index"] == 2
+        assert _duplicate_index(failures[1]) == _duplicate_index(failures[0]) == "chat_seq_unique"
+
+
+async def test_the_write_concern_goes_with_the_insert(settings: Settings, cleanup: None) -> None:
+    client: AsyncMongoClient[Doc] = create_client(settings.mongo_url)
+    wire = WireClient(client, settings.mongo_url, settings.mongo_database)
+    try:
+        assert await wire.insert("m", _docs("c", 1, 2), {"j": True}) == 2
+        # A standalone mongod refuses to wait for two members: proof the concern is sent.
+        with pytest.raises((BulkWriteError, OperationFailure)):
+            await wire.insert("m", _docs("c", 3, 1), {"w": 2})
+    finally:
+        wire.close()
+        await client.close()
+
+
+# -- credentials ------------------------------------------------------------------
+
+
+PASSWORD = "pä ss:w@rd,=1"
+
+
+@pytest.fixture(scope="module")
+def auth_mongo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """A mongod that requires authentication, with one user known by both mechanisms."""
+    server = mongo_server(
+        free_port(), tmp_path_factory.mktemp("auth-mongo"), extra=["--auth"]
+    ).start(timeout=60)
+    try:
+        # The localhost exception lets the first user be created without credentials.
+        with MongoClient(server.url, serverSelectionTimeoutMS=10000) as client:
+            client.admin.command(
+                "createUser",
+                "ann",
+                pwd=PASSWORD,
+                roles=["root"],
+                mechanisms=["SCRAM-SHA-1", "SCRAM-SHA-256"],
+            )
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("mechanism", [None, "SCRAM-SHA-256", "SCRAM-SHA-1"])
+async def test_scram_as_pymongo_authenticates(
+    auth_mongo: LocalServer, mechanism: str | None
+) -> None:
+    password = urllib.parse.quote_plus(PASSWORD)
+    url = f"mongodb://ann:{password}@{LOOPBACK}:{auth_mongo.port}/chat?authSource=admin"
+    if mechanism:
+        url += f"&authMechanism={mechanism}"
+    assert unsupported(url) is None
+    async with _stores(url, "chat") as (plain, lean, _):
+        await lean.insert_messages(_docs(f"c-{mechanism}", 1, 2))
+        assert len(await plain.history(f"c-{mechanism}", limit=10)) == 2
+    wrong = url.replace(password, "wrong")
+    async with _stores(wrong, "chat") as (_, lean, wire):
+        # PyMongo's own client (used to find the server) does not check credentials
+        # until it runs a command; the lean connection refuses to go on.
+        with pytest.raises(OperationFailure) as caught:
+            await wire.find("messages", {}, sort={"seq": 1}, limit=1)
+        assert caught.value.code == 18  # AuthenticationFailed
+
+
+async def test_without_credentials_a_server_that_requires_them_refuses(
+    auth_mongo: LocalServer,
+) -> None:
+    async with _stores(auth_mongo.url, "chat") as (_, _lean, wire):
+        with pytest.raises(OperationFailure) as caught:
+            await wire.insert("messages", _docs("c", 1, 1), {})
+        assert caught.value.code == 13  # Unauthorized
+
+
+# -- failures ---------------------------------------------------------------------
+
+
+class Relay:
+    """Copies bytes between clients and a server; can cut every connection, or stall."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, LOOPBACK, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(LOOPBACK, self.target)
+        self._writers |= {writer, up_writer}
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    await self.flowing.wait()
+                    dst.write(data)
+            dst.close()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+
+    def cut(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+
+
+@pytest.fixture
+async def relay(settings: Settings) -> AsyncIterator[Relay]:
+    port = int(settings.mongo_url.rsplit(":", 1)[1].split("/")[0])
+    started = Relay(port)
+    await started.start()
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+async def test_a_cut_connection_fails_what_is_in_flight_and_is_opened_again(
+    settings: Settings, cleanup: None, relay: Relay
+) -> None:
+    url = f"mongodb://{LOOPBACK}:{relay.port}/{settings.mongo_database}"
+    async with _stores(url, settings.mongo_database) as (plain, lean, _):
+        await lean.insert_messages(_docs("c", 1, 1))
+        relay.flowing.clear()
+        pending = asyncio.create_task(lean.insert_messages(_docs("c", 2, 1)))
+        await asyncio.sleep(0.2)
+        relay.cut()
+        with pytest.raises(AutoReconnect):
+            await pending
+        relay.flowing.set()
+        # The next call opens a new connection (PyMongo's client names the server).
+        await lean.insert_messages(_docs("c", 3, 1))
+        assert [d["seq"] for d in await plain.history("c", limit=10)] in ([1, 3], [1, 2, 3])
+
+
+async def test_a_server_that_stops_answering_times_out(
+    settings: Settings, cleanup: None, relay: Relay
+) -> None:
+    url = f"mongodb://{LOOPBACK}:{relay.port}/{settings.mongo_database}?socketTimeoutMS=300"
+    async with _stores(url, settings.mongo_database) as (_, lean, wire):
+        await lean.insert_messages(_docs("c", 1, 1))
+        relay.flowing.clear()
+        started = time.monotonic()
+        with pytest.raises(NetworkTimeout):
+            await lean.history("c", limit=10)
+        assert time.monotonic() - started < 5
+        relay.flowing.set()
+        # As PyMongo does, a connection that timed out is closed; the next call opens one.
+        assert [d["seq"] for d in await lean.history("c", limit=10)] == [1]
+        assert wire._conn is not None and not wire._conn.closed
+
+
+@pytest.fixture(scope="module")
+def replica_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """A one-member replica set, so a real primary can step down."""
+    server = mongo_server(
+        free_port(), tmp_path_factory.mktemp("rs-mongo"), extra=["--replSet", "rs0"]
+    ).start(timeout=60)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_a_primary_that_steps_down_is_not_primary_and_then_found_again(
+    replica_set: LocalServer,
+) -> None:
+    port = replica_set.port
+    direct: AsyncMongoClient[Doc] = AsyncMongoClient(
+        f"mongodb://{LOOPBACK}:{port}/?directConnection=true", serverSelectionTimeoutMS=20000
+    )
+    try:
+        with contextlib.suppress(OperationFailure):  # already initiated (module fixture)
+            await direct.admin.command(
+                "replSetInitiate",
+                {"_id": "rs0", "members": [{"_id": 0, "host": f"{LOOPBACK}:{port}"}]},
+            )
+        url = f"mongodb://{LOOPBACK}:{port}/chat?replicaSet=rs0&serverSelectionTimeoutMS=30000"
+        async with _stores(url, "chat") as (plain, lean, wire):
+            await lean.insert_messages(_docs("rs", 1, 1))
+            # Force: a lone member has no secondary to catch up; it may stand again at once.
+            with contextlib.suppress(AutoReconnect):
+                await direct.admin.command("replSetStepDown", 1, force=True)
+            with pytest.raises(NotPrimaryError):
+                await lean.insert_messages(_docs("rs", 2, 1))
+            # PyMongo's topology waits for the member to be elected again.
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await lean.insert_messages(_docs("rs", 3, 1))
+                    break
+                except AutoReconnect:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.2)
+            assert [d["seq"] for d in await plain.history("rs", limit=10)] == [1, 3]
+            assert wire._conn is not None
+    finally:
+        await direct.close()
+
+
+# -- which URLs it serves ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("mongodb://127.0.0.1:27017/chat", None),
+        ("mongodb://u:p@h1,h2/chat?replicaSet=rs&w=majority&journal=true", None),
+        ("mongodb://u:p@h/chat?authMechanism=SCRAM-SHA-1&authSource=admin", None),
+        ("mongodb://h/chat?readPreference=primary&appname=x&socketTimeoutMS=5", None),
+        ("mongodb://h/chat?tls=true", "TLS"),
+        ("mongodb://h/chat?ssl=true", "TLS"),
+        ("mongodb://h/chat?compressors=zlib", "wire compression"),
+        ("mongodb://h/chat?tls=false&ssl=false", None),
+        ("mongodb+srv://u:p@cluster.example.com/chat", "mongodb+srv"),
+        ("mongodb://h/chat?loadBalanced=true", "load-balanced mode"),
+        ("mongodb://h/chat?readPreference=secondaryPreferred", "read preference"),
+        ("mongodb://h/chat?readConcernLevel=majority", "a read concern"),
+        ("mongodb://h/chat?authMechanism=MONGODB-X509", "authentication mechanism"),
+    ],
+)
+def test_which_urls_it_serves(url: str, reason: str | None) -> None:
+    found = unsupported(url)
+    if reason is None:
+        assert found is None
+    else:
+        assert found is not None and found.startswith(reason)
+
+
+@pytest.mark.parametrize(
+    ("url", "enabled", "lean"),
+    [
+        ("mongodb://127.0.0.1:27017/chat", True, True),
+        ("mongodb://127.0.0.1:27017/chat", False, False),
+        ("mongodb://127.0.0.1:27017/chat?tls=true&tlsInsecure=true", True, False),
+    ],
+)
+async def test_the_worker_takes_the_lean_path_only_where_it_may(
+    url: str, enabled: bool, lean: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(mongo_url=url, mongo_wire=enabled)
+    client = create_client(url)
+    try:
+        with caplog.at_level(logging.INFO, logger="worker.app"):
+            wire = wire_client(client, settings)
+        assert (wire is not None) == lean
+        assert ("lean MongoDB connection" in caplog.text) == lean
+    finally:
+        await client.close()

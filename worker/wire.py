@@ -1,0 +1,428 @@
+"""A lean MongoDB connection for the worker's hot path: ``insert`` and ``find`` on raw OP_MSG.
+
+PyMongo's asynchronous client costs ~260 us of client CPU per call whatever the call
+carries (docs/benchmarks.md, ninth round): it wraps every reply in two tasks and an
+``asyncio.wait`` and every send in a ``wait_for``, and runs its session, retry and
+monitoring machinery around each command. The worker makes one such call per batch of
+sends (``insert``) and one per page read (``find``), so that fixed cost is a large share
+of a batch. This connection encodes a command with ``bson``'s C encoder, writes it,
+and matches the reply by its request id, for ~80 us a call.
+
+It is deliberately small, and used only where it is sure to behave like PyMongo:
+
+* the server is the one PyMongo's own topology selects for writes (``client.address``:
+  the standalone, the replica set's primary or a mongos), asked again after every
+  failure, so discovery, fail-over and server selection stay PyMongo's;
+* credentials: none, or SCRAM-SHA-256 / SCRAM-SHA-1 (RFC 5802, MongoDB's defaults);
+* no TLS, compression, load-balanced mode or Stable API: :func:`unsupported` names
+  what a URL asks for that this connection does not do, and the worker then keeps
+  PyMongo for these calls too.
+
+Failures raise PyMongo's own exceptions, so callers handle both paths alike: a lost or
+timed-out connection ``AutoReconnect`` / ``NetworkTimeout``, a server that is no longer
+primary ``NotPrimaryError``, a failed command ``OperationFailure``, write errors
+``BulkWriteError`` with the server's ``writeErrors``. Requests are not retried here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import itertools
+import os
+import platform
+import socket
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import bson
+from pymongo import AsyncMongoClient
+from pymongo.errors import (
+    AutoReconnect,
+    BulkWriteError,
+    NetworkTimeout,
+    NotPrimaryError,
+    OperationFailure,
+)
+from pymongo.saslprep import saslprep
+from pymongo.uri_parser import parse_uri
+
+Doc = dict[str, Any]
+
+OP_MSG = 2013
+HEADER = struct.Struct("<iiii")
+# Flag bits of a reply (the server sets them only when a request asked for them).
+CHECKSUM_PRESENT = 1
+MORE_TO_COME = 2
+# The largest message a server sends (its hello's maxMessageSizeBytes; 48 MB in every
+# release): a longer length in a header means the stream is out of step.
+MAX_MESSAGE = 48_000_000
+# Error codes that mean "not the primary (any more)" (the drivers' SDAM specification).
+NOT_PRIMARY_CODES = frozenset({10107, 13435, 13436, 189, 91, 11600, 11602})
+SCRAM = {"SCRAM-SHA-256": hashlib.sha256, "SCRAM-SHA-1": hashlib.sha1}
+# URI options (parse_uri's validated names) that change how a command must be sent or
+# where it may go: a URL that sets one keeps PyMongo's path.
+UNSUPPORTED_OPTIONS = {
+    "tls": "TLS",
+    "compressors": "wire compression",
+    "loadBalanced": "load-balanced mode",
+    "readConcernLevel": "a read concern",
+}
+
+
+def _options(url: str) -> dict[str, Any]:
+    # Validated: canonical names, typed values (timeouts in seconds), ssl= read as tls=.
+    return dict(parse_uri(url, warn=True))
+
+
+def unsupported(url: str) -> str | None:
+    """Why this connection cannot stand in for PyMongo with ``url`` (None: it can)."""
+    if url.startswith("mongodb+srv://"):
+        return "mongodb+srv (TLS by default)"
+    parsed = _options(url)
+    options = parsed["options"]
+    for name, what in UNSUPPORTED_OPTIONS.items():
+        if options.get(name):
+            return what
+    preference = options.get("readPreference", "primary")
+    if preference != "primary":
+        return f"read preference {preference}"
+    mechanism = options.get("authMechanism", "DEFAULT")
+    if mechanism != "DEFAULT" and mechanism not in SCRAM:
+        return f"authentication mechanism {mechanism}"
+    return None
+
+
+class _Protocol(asyncio.Protocol):
+    """Frames replies and hands each to the request it answers."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.WriteTransport | None = None
+        self.buffer = bytearray()
+        self.waiting: dict[int, asyncio.Future[bytes]] = {}
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing asyncio's.
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        while len(buffer) >= 16:
+            length, _, responds_to, opcode = HEADER.unpack_from(buffer)
+            if not 21 <= length <= MAX_MESSAGE or opcode != OP_MSG:
+                self._fail(AutoReconnect(f"MongoDB sent a malformed message (opcode {opcode})"))
+                return
+            if len(buffer) < length:
+                return
+            flags = int.from_bytes(buffer[16:20], "little")
+            if flags & MORE_TO_COME or buffer[20] != 0:
+                self._fail(AutoReconnect("MongoDB sent a reply this connection did not ask for"))
+                return
+            end = length - 4 if flags & CHECKSUM_PRESENT else length
+            body = bytes(buffer[21:end])
+            del buffer[:length]
+            waiter = self.waiting.pop(responds_to, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(AutoReconnect(f"MongoDB closed the connection: {exc or 'end of stream'}"))
+
+    def _fail(self, exc: Exception) -> None:
+        if self.lost is None:
+            self.lost = exc
+        for waiter in self.waiting.values():
+            if not waiter.done():
+                waiter.set_exception(exc)
+        self.waiting.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class WireConnection:
+    """One raw connection to one MongoDB server; requests may overlap."""
+
+    def __init__(
+        self, protocol: _Protocol, address: tuple[str, int], timeout: float | None
+    ) -> None:
+        self._protocol = protocol
+        self._ids = itertools.count(1)
+        self.address = address
+        self.timeout = timeout
+
+    @classmethod
+    async def open(
+        cls,
+        address: tuple[str, int],
+        *,
+        connect_timeout: float | None,
+        timeout: float | None,
+        credentials: Credentials | None = None,
+        appname: str = "",
+    ) -> WireConnection:
+        """Connect, greet the server (``hello``) and authenticate."""
+        loop = asyncio.get_running_loop()
+        host, port = address
+        try:
+            async with asyncio.timeout(connect_timeout):
+                transport, protocol = await loop.create_connection(_Protocol, host, port)
+        except (OSError, TimeoutError) as exc:
+            raise AutoReconnect(f"{host}:{port}: {exc or 'connect timed out'}") from exc
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        conn = cls(protocol, address, timeout)
+        try:
+            hello: Doc = {"hello": 1, "$db": "admin"}
+            # Shown in the server's log and currentOp next to PyMongo's connections.
+            hello["client"] = {
+                "driver": {"name": "chat-worker-wire", "version": "1"},
+                "os": {"type": platform.system()},
+            }
+            if appname:
+                hello["client"]["application"] = {"name": appname}
+            if credentials is not None and credentials.mechanism is None:
+                hello["saslSupportedMechs"] = f"{credentials.source}.{credentials.username}"
+            greeting = await conn.command(hello)
+            if credentials is not None:
+                mechanisms = greeting.get("saslSupportedMechs") or []
+                await credentials.authenticate(conn, mechanisms)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection failed or was closed: open another."""
+        return self._protocol.lost is not None
+
+    async def command(self, body: Doc, sequence: tuple[str, Sequence[Doc]] | None = None) -> Doc:
+        """Run one command (``body`` names its ``$db``); ``sequence`` is an OP_MSG document
+        sequence, e.g. ``("documents", docs)`` for ``insert``. Returns the reply document
+        after checking ``ok``."""
+        protocol = self._protocol
+        if protocol.lost is not None:
+            raise protocol.lost
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            raise AutoReconnect("connection closed")
+        request_id = next(self._ids) & 0x7FFFFFFF
+        parts = [b"\x00\x00\x00\x00\x00", bson.encode(body)]
+        if sequence is not None:
+            name, docs = sequence
+            encoded = b"".join([bson.encode(doc) for doc in docs])
+            label = name.encode() + b"\x00"
+            parts.append(struct.pack("<Bi", 1, 4 + len(label) + len(encoded)))
+            parts.append(label)
+            parts.append(encoded)
+        payload = b"".join(parts)
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        protocol.waiting[request_id] = waiter
+        transport.write(HEADER.pack(16 + len(payload), request_id, 0, OP_MSG) + payload)
+        try:
+            async with asyncio.timeout(self.timeout):
+                reply = bson.decode(await waiter)
+        except TimeoutError as exc:
+            # The reply may still come: this connection can no longer pair replies.
+            protocol._fail(NetworkTimeout(f"MongoDB did not answer within {self.timeout} s"))
+            raise NetworkTimeout(f"{body_name(body)}: no reply within {self.timeout} s") from exc
+        except BaseException:
+            protocol.waiting.pop(request_id, None)
+            raise
+        if not reply.get("ok"):
+            code = reply.get("code")
+            message = reply.get("errmsg", "command failed")
+            if code in NOT_PRIMARY_CODES:
+                protocol._fail(NotPrimaryError(message, reply))
+                raise NotPrimaryError(message, reply)
+            raise OperationFailure(message, code, reply)
+        return reply
+
+    def close(self) -> None:
+        """Close the socket (idempotent); requests in flight fail with AutoReconnect."""
+        self._protocol._fail(AutoReconnect("connection closed"))
+
+
+def body_name(body: Mapping[str, Any]) -> str:
+    """The command's name: its first key."""
+    return next(iter(body), "command")
+
+
+class Credentials:
+    """A user name and password, and how to prove them (SCRAM)."""
+
+    def __init__(self, username: str, password: str, source: str, mechanism: str | None) -> None:
+        self.username = username
+        self.password = password
+        self.source = source
+        self.mechanism = mechanism
+
+    async def authenticate(self, conn: WireConnection, offered: Sequence[str]) -> None:
+        """Run a SCRAM conversation (RFC 5802) on ``conn``; raises OperationFailure."""
+        mechanism = self.mechanism or (
+            "SCRAM-SHA-256" if "SCRAM-SHA-256" in offered else "SCRAM-SHA-1"
+        )
+        digest = SCRAM[mechanism]
+        if mechanism == "SCRAM-SHA-256":
+            secret = saslprep(self.password).encode()
+        else:
+            # SCRAM-SHA-1 in MongoDB proves the old MONGODB-CR digest, not the password.
+            login = f"{self.username}:mongo:{self.password}".encode()
+            secret = hashlib.md5(login, usedforsecurity=False).hexdigest().encode()
+        user = self.username.replace("=", "=3D").replace(",", "=2C")
+        nonce = base64.b64encode(os.urandom(24)).decode()
+        first_bare = f"n={user},r={nonce}"
+        start = await conn.command(
+            {
+                "saslStart": 1,
+                "mechanism": mechanism,
+                "payload": bson.Binary(b"n,," + first_bare.encode()),
+                "autoAuthorize": 1,
+                "options": {"skipEmptyExchange": True},
+                "$db": self.source,
+            }
+        )
+        server_first = bytes(start["payload"]).decode()
+        fields = dict(item.split("=", 1) for item in server_first.split(","))
+        server_nonce, salt, iterations = fields["r"], fields["s"], int(fields["i"])
+        if not server_nonce.startswith(nonce) or iterations < 4096:
+            raise OperationFailure("MongoDB's SCRAM answer is not valid", 18)
+        salted = hashlib.pbkdf2_hmac(digest().name, secret, base64.b64decode(salt), iterations)
+        client_key = hmac.digest(salted, b"Client Key", digest)
+        without_proof = f"c=biws,r={server_nonce}"
+        message = f"{first_bare},{server_first},{without_proof}".encode()
+        signature = hmac.digest(digest(client_key).digest(), message, digest)
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        final = f"{without_proof},p={base64.b64encode(proof).decode()}"
+        reply = await conn.command(
+            {
+                "saslContinue": 1,
+                "conversationId": start["conversationId"],
+                "payload": bson.Binary(final.encode()),
+                "$db": self.source,
+            }
+        )
+        server_key = hmac.digest(salted, b"Server Key", digest)
+        expected = base64.b64encode(hmac.digest(server_key, message, digest)).decode()
+        answer = dict(item.split("=", 1) for item in bytes(reply["payload"]).decode().split(","))
+        if not hmac.compare_digest(answer.get("v", ""), expected):
+            raise OperationFailure("MongoDB's SCRAM server signature does not match", 18)
+        while not reply.get("done"):
+            reply = await conn.command(
+                {
+                    "saslContinue": 1,
+                    "conversationId": reply["conversationId"],
+                    "payload": bson.Binary(b""),
+                    "$db": self.source,
+                }
+            )
+
+
+class WireClient:
+    """``insert`` and ``find`` on the server PyMongo's client writes to, over one lean
+    connection that is opened on first use and opened again after a failure."""
+
+    def __init__(self, client: AsyncMongoClient[Doc], url: str, database: str) -> None:
+        parsed = _options(url)
+        options = parsed["options"]
+        self._client = client
+        self._database = database
+        # The timeouts and name the PyMongo client itself runs with.
+        pool = client.options.pool_options
+        self._connect_timeout = pool.connect_timeout
+        self._timeout = pool.socket_timeout or None
+        self._appname: str = (pool.metadata.get("application") or {}).get("name", "")
+        self._credentials: Credentials | None = None
+        mechanism = options.get("authMechanism", "DEFAULT")
+        if parsed.get("username") is not None:
+            self._credentials = Credentials(
+                parsed["username"],
+                parsed.get("password") or "",
+                options.get("authSource") or parsed.get("database") or "admin",
+                None if mechanism == "DEFAULT" else mechanism,
+            )
+        self._conn: WireConnection | None = None
+        self._opening: asyncio.Lock = asyncio.Lock()
+
+    async def _connection(self) -> WireConnection:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        async with self._opening:
+            if self._conn is not None and not self._conn.closed:
+                return self._conn
+            # PyMongo's topology picks the server (and notices a new primary).
+            address = await self._client.address
+            if address is None:
+                raise AutoReconnect("no writable MongoDB server")
+            self._conn = await WireConnection.open(
+                address,
+                connect_timeout=self._connect_timeout,
+                timeout=self._timeout,
+                credentials=self._credentials,
+                appname=self._appname,
+            )
+            return self._conn
+
+    async def insert(
+        self, collection: str, docs: Sequence[Doc], write_concern: Mapping[str, Any]
+    ) -> int:
+        """Insert in order, stopping at the first failure; the count inserted.
+
+        Raises BulkWriteError, with the server's ``writeErrors`` and
+        ``writeConcernErrors``, as PyMongo's ``insert_many`` does.
+        """
+        body: Doc = {"insert": collection, "ordered": True, "$db": self._database}
+        if write_concern:
+            body["writeConcern"] = dict(write_concern)
+        conn = await self._connection()
+        reply = await conn.command(body, ("documents", docs))
+        errors = reply.get("writeErrors")
+        concern_error = reply.get("writeConcernError")
+        if errors or concern_error:
+            if concern_error and concern_error.get("code") in NOT_PRIMARY_CODES:
+                conn.close()
+            raise BulkWriteError(
+                {
+                    "writeErrors": errors or [],
+                    "writeConcernErrors": [concern_error] if concern_error else [],
+                    "nInserted": reply.get("n", 0),
+                    "nUpserted": 0,
+                    "nMatched": 0,
+                    "nModified": 0,
+                    "nRemoved": 0,
+                    "upserted": [],
+                }
+            )
+        return int(reply.get("n", 0))
+
+    async def find(self, collection: str, query: Doc, *, sort: Doc, limit: int) -> list[Doc]:
+        """The documents matching ``query`` in ``sort`` order, at most ``limit`` (> 0),
+        read from the primary in one reply."""
+        conn = await self._connection()
+        reply = await conn.command(
+            {
+                "find": collection,
+                "filter": query,
+                "sort": sort,
+                "limit": limit,
+                "batchSize": limit,
+                "singleBatch": True,
+                "$db": self._database,
+            }
+        )
+        docs: list[Doc] = reply["cursor"]["firstBatch"]
+        return docs
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
