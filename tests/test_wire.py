@@ -15,6 +15,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 
+import bson
 import pytest
 from pymongo import AsyncMongoClient, MongoClient
 from pymongo.errors import (
@@ -30,7 +31,7 @@ from shared.config import Settings
 from worker.app import wire_client
 from worker.processor import _duplicate_index
 from worker.store import Doc, Store, create_client
-from worker.wire import WireClient, unsupported
+from worker.wire import COMMAND_ROOM, WireClient, unsupported
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,6 +107,28 @@ async def test_duplicates_fail_as_insert_many_fails(settings: Settings, cleanup:
         assert ours["writeErrors"][0]["keyPattern"] == theirs["writeErrors"][0]["keyPattern"]
         assert ours["writeErrors"][0]["index"] == theirs["writeErrors"][0]["index"] == 2
         assert _duplicate_index(failures[1]) == _duplicate_index(failures[0]) == "chat_seq_unique"
+
+
+async def test_an_insert_too_large_for_one_message_goes_in_several(
+    settings: Settings, cleanup: None
+) -> None:
+    async with _stores(settings.mongo_url, settings.mongo_database) as (plain, lean, wire):
+        await plain.ensure_indexes()
+        await plain.insert_messages([_docs("c", 40, 1)[0] | {"_id": "earlier"}])
+        await lean.history("c", limit=1)  # opens the connection
+        [conn] = wire._idle
+        # As if the server took messages of ~3 documents: seq 40 is in the 14th.
+        conn.max_message = COMMAND_ROOM + 3 * len(bson.encode(_docs("c", 1, 1)[0])) + 50
+        with pytest.raises(BulkWriteError) as caught:
+            await lean.insert_messages(_docs("c", 1, 60))
+        assert caught.value.details["nInserted"] == 39
+        assert [e["index"] for e in caught.value.details["writeErrors"]] == [39]
+        assert _duplicate_index(caught.value) == "chat_seq_unique"
+        stored = [d["seq"] for d in await plain.history("c", limit=200, after=0)]
+        assert stored == list(range(1, 41))
+        conn.max_write_batch = 7
+        assert await wire.insert("messages", _docs("d", 1, 30), {}) == 30
+        assert len(await plain.history("d", limit=200, after=0)) == 30
 
 
 async def test_the_write_concern_goes_with_the_insert(settings: Settings, cleanup: None) -> None:
@@ -263,7 +286,24 @@ async def test_a_server_that_stops_answering_times_out(
         relay.flowing.set()
         # As PyMongo does, a connection that timed out is closed; the next call opens one.
         assert [d["seq"] for d in await lean.history("c", limit=10)] == [1]
-        assert wire._conn is not None and not wire._conn.closed
+        assert wire.connections == 1
+
+
+async def test_concurrent_calls_get_connections_of_their_own_up_to_the_pool_size(
+    settings: Settings, cleanup: None, relay: Relay
+) -> None:
+    url = f"mongodb://{LOOPBACK}:{relay.port}/{settings.mongo_database}?maxPoolSize=2"
+    async with _stores(url, settings.mongo_database) as (_, lean, wire):
+        await lean.insert_messages(_docs("c", 1, 3))
+        assert wire.connections == 1
+        relay.flowing.clear()
+        reads = [asyncio.create_task(lean.history("c", limit=n)) for n in (1, 2, 3, 4)]
+        await asyncio.sleep(0.3)
+        assert wire.connections == 2  # two wait for a free connection
+        relay.flowing.set()
+        pages = await asyncio.gather(*reads)
+        assert [len(p) for p in pages] == [1, 2, 3, 3]
+        assert wire.connections == 2
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +349,7 @@ async def test_a_primary_that_steps_down_is_not_primary_and_then_found_again(
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.2)
             assert [d["seq"] for d in await plain.history("rs", limit=10)] == [1, 3]
-            assert wire._conn is not None
+            assert wire.connections >= 1
     finally:
         await direct.close()
 

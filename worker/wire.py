@@ -5,8 +5,8 @@ carries (docs/benchmarks.md, ninth round): it wraps every reply in two tasks and
 ``asyncio.wait`` and every send in a ``wait_for``, and runs its session, retry and
 monitoring machinery around each command. The worker makes one such call per batch of
 sends (``insert``) and one per page read (``find``), so that fixed cost is a large share
-of a batch. This connection encodes a command with ``bson``'s C encoder, writes it,
-and matches the reply by its request id, for ~80 us a call.
+of a batch. These connections encode a command with ``bson``'s C encoder, write it, and
+match the reply by its request id, for ~80 us a call.
 
 It is deliberately small, and used only where it is sure to behave like PyMongo:
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -35,7 +36,7 @@ import os
 import platform
 import socket
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import bson
@@ -60,6 +61,11 @@ MORE_TO_COME = 2
 # The largest message a server sends (its hello's maxMessageSizeBytes; 48 MB in every
 # release): a longer length in a header means the stream is out of step.
 MAX_MESSAGE = 48_000_000
+MAX_WRITE_BATCH = 100_000
+# Connections per client when PyMongo's maxPoolSize is 0 (unbounded there).
+MAX_POOL = 100
+# Room left in a message for the command document beside the inserted documents.
+COMMAND_ROOM = 16 * 1024
 # Error codes that mean "not the primary (any more)" (the drivers' SDAM specification).
 NOT_PRIMARY_CODES = frozenset({10107, 13435, 13436, 189, 91, 11600, 11602})
 SCRAM = {"SCRAM-SHA-256": hashlib.sha256, "SCRAM-SHA-1": hashlib.sha1}
@@ -154,6 +160,9 @@ class WireConnection:
         self._ids = itertools.count(1)
         self.address = address
         self.timeout = timeout
+        # The server's limits, from its hello.
+        self.max_message = MAX_MESSAGE
+        self.max_write_batch = MAX_WRITE_BATCH
 
     @classmethod
     async def open(
@@ -190,6 +199,8 @@ class WireConnection:
             if credentials is not None and credentials.mechanism is None:
                 hello["saslSupportedMechs"] = f"{credentials.source}.{credentials.username}"
             greeting = await conn.command(hello)
+            conn.max_message = int(greeting.get("maxMessageSizeBytes", MAX_MESSAGE))
+            conn.max_write_batch = int(greeting.get("maxWriteBatchSize", MAX_WRITE_BATCH))
             if credentials is not None:
                 mechanisms = greeting.get("saslSupportedMechs") or []
                 await credentials.authenticate(conn, mechanisms)
@@ -203,10 +214,11 @@ class WireConnection:
         """True once the connection failed or was closed: open another."""
         return self._protocol.lost is not None
 
-    async def command(self, body: Doc, sequence: tuple[str, Sequence[Doc]] | None = None) -> Doc:
+    async def command(self, body: Doc, sequence: tuple[str, bytes] | None = None) -> Doc:
         """Run one command (``body`` names its ``$db``); ``sequence`` is an OP_MSG document
-        sequence, e.g. ``("documents", docs)`` for ``insert``. Returns the reply document
-        after checking ``ok``."""
+        sequence, e.g. ``("documents", encoded)`` for ``insert``, with the documents
+        already encoded one after the other. Returns the reply document after checking
+        ``ok``."""
         protocol = self._protocol
         if protocol.lost is not None:
             raise protocol.lost
@@ -216,8 +228,7 @@ class WireConnection:
         request_id = next(self._ids) & 0x7FFFFFFF
         parts = [b"\x00\x00\x00\x00\x00", bson.encode(body)]
         if sequence is not None:
-            name, docs = sequence
-            encoded = b"".join([bson.encode(doc) for doc in docs])
+            name, encoded = sequence
             label = name.encode() + b"\x00"
             parts.append(struct.pack("<Bi", 1, 4 + len(label) + len(encoded)))
             parts.append(label)
@@ -326,8 +337,8 @@ class Credentials:
 
 
 class WireClient:
-    """``insert`` and ``find`` on the server PyMongo's client writes to, over one lean
-    connection that is opened on first use and opened again after a failure."""
+    """``insert`` and ``find`` on the server PyMongo's client writes to, over lean
+    connections opened as calls need them and opened again after a failure."""
 
     def __init__(self, client: AsyncMongoClient[Doc], url: str, database: str) -> None:
         parsed = _options(url)
@@ -348,81 +359,134 @@ class WireClient:
                 options.get("authSource") or parsed.get("database") or "admin",
                 None if mechanism == "DEFAULT" else mechanism,
             )
-        self._conn: WireConnection | None = None
-        self._opening: asyncio.Lock = asyncio.Lock()
+        # Connections are opened as concurrent calls need them (each runs one request at
+        # a time, so MongoDB can run several at once), up to PyMongo's maxPoolSize.
+        self._slots = asyncio.Semaphore(int(pool.max_pool_size) or MAX_POOL)
+        self._idle: list[WireConnection] = []
+        self._open: set[WireConnection] = set()
+        self._opening = 0
 
-    async def _connection(self) -> WireConnection:
-        conn = self._conn
-        if conn is not None and not conn.closed:
-            return conn
-        async with self._opening:
-            if self._conn is not None and not self._conn.closed:
-                return self._conn
-            # PyMongo's topology picks the server (and notices a new primary).
-            address = await self._client.address
-            if address is None:
-                raise AutoReconnect("no writable MongoDB server")
-            self._conn = await WireConnection.open(
-                address,
-                connect_timeout=self._connect_timeout,
-                timeout=self._timeout,
-                credentials=self._credentials,
-                appname=self._appname,
-            )
-            return self._conn
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[WireConnection]:
+        async with self._slots:
+            conn = None
+            while self._idle and conn is None:
+                candidate = self._idle.pop()
+                if not candidate.closed:
+                    conn = candidate
+            if conn is None:
+                # PyMongo's topology picks the server (and notices a new primary).
+                self._opening += 1
+                try:
+                    address = await self._client.address
+                    if address is None:
+                        raise AutoReconnect("no writable MongoDB server")
+                    conn = await WireConnection.open(
+                        address,
+                        connect_timeout=self._connect_timeout,
+                        timeout=self._timeout,
+                        credentials=self._credentials,
+                        appname=self._appname,
+                    )
+                finally:
+                    self._opening -= 1
+                self._open.add(conn)
+            try:
+                yield conn
+            except AutoReconnect:
+                # The server went away or stepped down: so did its other connections
+                # (PyMongo resets its pool likewise).
+                self._reset()
+                raise
+            finally:
+                if conn.closed:
+                    self._open.discard(conn)
+                else:
+                    self._idle.append(conn)
+
+    def _reset(self) -> None:
+        for conn in self._idle:
+            conn.close()
+            self._open.discard(conn)
+        self._idle.clear()
 
     async def insert(
         self, collection: str, docs: Sequence[Doc], write_concern: Mapping[str, Any]
     ) -> int:
         """Insert in order, stopping at the first failure; the count inserted.
 
-        Raises BulkWriteError, with the server's ``writeErrors`` and
-        ``writeConcernErrors``, as PyMongo's ``insert_many`` does.
+        Documents that do not fit the server's limits for one message go in several, one
+        after the other, as PyMongo's ``insert_many`` sends them. A failure raises
+        BulkWriteError with the server's ``writeErrors`` (their ``index`` counted from the
+        first document of ``docs``) and ``writeConcernErrors``; unlike PyMongo, a write
+        concern error also stops the messages after it (the worker retries the batch).
         """
         body: Doc = {"insert": collection, "ordered": True, "$db": self._database}
         if write_concern:
             body["writeConcern"] = dict(write_concern)
-        conn = await self._connection()
-        reply = await conn.command(body, ("documents", docs))
-        errors = reply.get("writeErrors")
-        concern_error = reply.get("writeConcernError")
-        if errors or concern_error:
-            if concern_error and concern_error.get("code") in NOT_PRIMARY_CODES:
-                conn.close()
-            raise BulkWriteError(
-                {
-                    "writeErrors": errors or [],
-                    "writeConcernErrors": [concern_error] if concern_error else [],
-                    "nInserted": reply.get("n", 0),
-                    "nUpserted": 0,
-                    "nMatched": 0,
-                    "nModified": 0,
-                    "nRemoved": 0,
-                    "upserted": [],
-                }
-            )
-        return int(reply.get("n", 0))
+        encoded = [bson.encode(doc) for doc in docs]
+        async with self._connection() as conn:
+            return await self._insert(conn, body, encoded)
+
+    async def _insert(self, conn: WireConnection, body: Doc, encoded: list[bytes]) -> int:
+        room = conn.max_message - COMMAND_ROOM
+        inserted = 0
+        start = 0
+        while start < len(encoded):
+            end, size = start, 0
+            while end < len(encoded) and end - start < conn.max_write_batch:
+                if end > start and size + len(encoded[end]) > room:
+                    break
+                size += len(encoded[end])
+                end += 1
+            reply = await conn.command(body, ("documents", b"".join(encoded[start:end])))
+            inserted += int(reply.get("n", 0))
+            errors = reply.get("writeErrors") or []
+            concern_error = reply.get("writeConcernError")
+            if errors or concern_error:
+                if concern_error and concern_error.get("code") in NOT_PRIMARY_CODES:
+                    conn.close()
+                raise BulkWriteError(
+                    {
+                        "writeErrors": [{**e, "index": e.get("index", 0) + start} for e in errors],
+                        "writeConcernErrors": [concern_error] if concern_error else [],
+                        "nInserted": inserted,
+                        "nUpserted": 0,
+                        "nMatched": 0,
+                        "nModified": 0,
+                        "nRemoved": 0,
+                        "upserted": [],
+                    }
+                )
+            start = end
+        return inserted
 
     async def find(self, collection: str, query: Doc, *, sort: Doc, limit: int) -> list[Doc]:
         """The documents matching ``query`` in ``sort`` order, at most ``limit`` (> 0),
         read from the primary in one reply."""
-        conn = await self._connection()
-        reply = await conn.command(
-            {
-                "find": collection,
-                "filter": query,
-                "sort": sort,
-                "limit": limit,
-                "batchSize": limit,
-                "singleBatch": True,
-                "$db": self._database,
-            }
-        )
+        async with self._connection() as conn:
+            reply = await conn.command(
+                {
+                    "find": collection,
+                    "filter": query,
+                    "sort": sort,
+                    "limit": limit,
+                    "batchSize": limit,
+                    "singleBatch": True,
+                    "$db": self._database,
+                }
+            )
         docs: list[Doc] = reply["cursor"]["firstBatch"]
         return docs
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close every connection (idempotent); calls in flight fail with AutoReconnect."""
+        for conn in self._open:
+            conn.close()
+        self._open.clear()
+        self._idle.clear()
+
+    @property
+    def connections(self) -> int:
+        """Connections open or being opened now."""
+        return len(self._open) + self._opening
