@@ -35,6 +35,28 @@ ROOT = Path(__file__).resolve().parent.parent
 REPLY_TIMEOUT = 10.0
 
 
+def message_docs(
+    chat: str, first: int, count: int, *, text: str = "message {seq}"
+) -> list[dict[str, Any]]:
+    """Stored-message documents of one chat, sequence ids ``first`` on, as the worker
+    writes them (``text`` is formatted with the sequence id)."""
+    return [
+        {
+            "_id": f"{chat}-{seq}",
+            "chat_id": chat,
+            "seq": seq,
+            "user_id": "7",
+            "username": "user7",
+            "avatar": None,
+            "type": "text",
+            "text": text.format(seq=seq),
+            "file_url": None,
+            "created_at": 1_800_000_000 + seq,
+        }
+        for seq in range(first, first + count)
+    ]
+
+
 class Client:
     """A WebSocket client speaking the chat protocol; separates replies from pushes."""
 

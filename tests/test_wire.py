@@ -28,6 +28,7 @@ from pymongo.errors import (
 
 from deploy.local.servers import LOOPBACK, LocalServer, free_port, mongo_server
 from shared.config import Settings
+from tests.support import message_docs
 from worker.app import wire_client
 from worker.processor import _duplicate_index
 from worker.store import Doc, Store, create_client
@@ -37,21 +38,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _docs(chat: str, first: int, count: int) -> list[Doc]:
-    return [
-        {
-            "_id": f"{chat}-{seq}",
-            "chat_id": chat,
-            "seq": seq,
-            "user_id": "7",
-            "username": "Ann",
-            "avatar": None,
-            "type": "text",
-            "text": f"message {seq} ✓ ünïcode",
-            "file_url": None,
-            "created_at": 1_700_000_000 + seq,
-        }
-        for seq in range(first, first + count)
-    ]
+    return message_docs(chat, first, count, text="message {seq} ✓ ünïcode")
 
 
 @contextlib.asynccontextmanager

@@ -21,26 +21,15 @@ from pathlib import Path
 import uvloop
 
 from deploy.local.servers import free_port, mongo_server
+from tests.support import message_docs
 from worker.store import Doc, Store, create_client
 from worker.wire import WireClient
 
 
 def _docs(chat: str, first: int, count: int) -> list[Doc]:
-    return [
-        {
-            "_id": f"{chat}-{seq}",
-            "chat_id": chat,
-            "seq": seq,
-            "user_id": "7",
-            "username": "user7",
-            "avatar": None,
-            "type": "text",
-            "text": "a message of a typical length, some forty to sixty characters",
-            "file_url": None,
-            "created_at": 1_800_000_000,
-        }
-        for seq in range(first, first + count)
-    ]
+    return message_docs(
+        chat, first, count, text="a message of a typical length, some forty to sixty characters"
+    )
 
 
 async def _measure(calls: int, call: Callable[[int], Awaitable[object]]) -> tuple[float, float]:
