@@ -167,9 +167,12 @@ async def test_scram_as_pymongo_authenticates(
     if mechanism:
         url += f"&authMechanism={mechanism}"
     assert unsupported(url) is None
-    async with _stores(url, "chat") as (plain, lean, _):
+    async with _stores(url, "chat") as (plain, lean, wire):
         await lean.insert_messages(_docs(f"c-{mechanism}", 1, 2))
         assert len(await plain.history(f"c-{mechanism}", limit=10)) == 2
+        # A new connection proves the same password with the key derived the first time.
+        wire.close()
+        assert len(await lean.history(f"c-{mechanism}", limit=10)) == 2
     wrong = url.replace(password, "wrong")
     async with _stores(wrong, "chat") as (_, lean, wire):
         # PyMongo's own client (used to find the server) does not check credentials
@@ -360,6 +363,8 @@ async def test_a_primary_that_steps_down_is_not_primary_and_then_found_again(
         ("mongodb://h/chat?readPreference=secondaryPreferred", "read preference"),
         ("mongodb://h/chat?readConcernLevel=majority", "a read concern"),
         ("mongodb://h/chat?authMechanism=MONGODB-X509", "authentication mechanism"),
+        ("mongodb://mongos1,mongos2/chat", "several hosts without replicaSet="),
+        ("mongodb://h1:27017,h2:27017/chat?replicaSet=rs0", None),
     ],
 )
 def test_which_urls_it_serves(url: str, reason: str | None) -> None:

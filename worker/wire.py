@@ -1,21 +1,23 @@
 """A lean MongoDB connection for the worker's hot path: ``insert`` and ``find`` on raw OP_MSG.
 
-PyMongo's asynchronous client costs ~260 us of client CPU per call whatever the call
-carries (docs/benchmarks.md, ninth round): it wraps every reply in two tasks and an
+PyMongo's asynchronous client costs ~220-360 us of client CPU per call, most of it
+whatever the call carries (docs/benchmarks.md, ninth round): it wraps every reply in two tasks and an
 ``asyncio.wait`` and every send in a ``wait_for``, and runs its session, retry and
 monitoring machinery around each command. The worker makes one such call per batch of
 sends (``insert``) and one per page read (``find``), so that fixed cost is a large share
 of a batch. These connections encode a command with ``bson``'s C encoder, write it, and
-match the reply by its request id, for ~80 us a call.
+match the reply by its request id, for ~90-170 us a call.
 
 It is deliberately small, and used only where it is sure to behave like PyMongo:
 
 * the server is the one PyMongo's own topology selects for writes (``client.address``:
-  the standalone, the replica set's primary or a mongos), asked again after every
-  failure, so discovery, fail-over and server selection stay PyMongo's;
+  the standalone, the replica set's primary, or the one mongos), asked again after
+  every failure, so discovery, fail-over and server selection stay PyMongo's (its
+  streaming monitor hears of a step-down at once);
 * credentials: none, or SCRAM-SHA-256 / SCRAM-SHA-1 (RFC 5802, MongoDB's defaults);
-* no TLS, compression, load-balanced mode or Stable API: :func:`unsupported` names
-  what a URL asks for that this connection does not do, and the worker then keeps
+* reads from the primary only, with the server's default read concern;
+* no TLS, compression or load-balanced mode, and not several mongoses: :func:`unsupported`
+  names what a URL asks for that this connection does not do, and the worker then keeps
   PyMongo for these calls too.
 
 Failures raise PyMongo's own exceptions, so callers handle both paths alike: a lost or
@@ -99,6 +101,10 @@ def unsupported(url: str) -> str | None:
     mechanism = options.get("authMechanism", "DEFAULT")
     if mechanism != "DEFAULT" and mechanism not in SCRAM:
         return f"authentication mechanism {mechanism}"
+    if len(parsed["nodelist"]) > 1 and not options.get("replicaSet"):
+        # Perhaps several mongoses, among which PyMongo spreads calls and names no one
+        # server (client.address refuses); a replica set is named with replicaSet=.
+        return "several hosts without replicaSet="
     return None
 
 
@@ -241,7 +247,7 @@ class WireConnection:
             async with asyncio.timeout(self.timeout):
                 reply = bson.decode(await waiter)
         except TimeoutError as exc:
-            # The reply may still come: this connection can no longer pair replies.
+            # As in PyMongo, a connection that timed out is not trusted with another call.
             protocol._fail(NetworkTimeout(f"MongoDB did not answer within {self.timeout} s"))
             raise NetworkTimeout(f"{body_name(body)}: no reply within {self.timeout} s") from exc
         except BaseException:
@@ -274,6 +280,8 @@ class Credentials:
         self.password = password
         self.source = source
         self.mechanism = mechanism
+        # PBKDF2 takes milliseconds by design: a pool that reconnects derives once.
+        self._salted: dict[tuple[str, str, int], bytes] = {}
 
     async def authenticate(self, conn: WireConnection, offered: Sequence[str]) -> None:
         """Run a SCRAM conversation (RFC 5802) on ``conn``; raises OperationFailure."""
@@ -305,7 +313,11 @@ class Credentials:
         server_nonce, salt, iterations = fields["r"], fields["s"], int(fields["i"])
         if not server_nonce.startswith(nonce) or iterations < 4096:
             raise OperationFailure("MongoDB's SCRAM answer is not valid", 18)
-        salted = hashlib.pbkdf2_hmac(digest().name, secret, base64.b64decode(salt), iterations)
+        key = (mechanism, salt, iterations)
+        salted = self._salted.get(key)
+        if salted is None:
+            salted = hashlib.pbkdf2_hmac(digest().name, secret, base64.b64decode(salt), iterations)
+            self._salted[key] = salted
         client_key = hmac.digest(salted, b"Client Key", digest)
         without_proof = f"c=biws,r={server_nonce}"
         message = f"{first_bare},{server_first},{without_proof}".encode()
