@@ -395,3 +395,19 @@ async def test_the_worker_takes_the_lean_path_only_where_it_may(
         assert ("lean MongoDB connection" in caplog.text) == lean
     finally:
         await client.close()
+
+
+async def test_the_server_sees_the_lean_connections_by_name(
+    settings: Settings, cleanup: None
+) -> None:
+    async with _stores(settings.mongo_url, settings.mongo_database) as (plain, lean, _):
+        await lean.history("c", limit=1)
+        ops = await plain.db.client.admin.aggregate(
+            [
+                {"$currentOp": {"allUsers": True, "idleConnections": True}},
+                {"$match": {"clientMetadata.driver.name": "chat-worker-wire"}},
+            ]
+        )
+        mine = await ops.to_list()
+        assert mine, "no lean connection in currentOp"
+        assert {op.get("appName") for op in mine} == {"chat-worker"}

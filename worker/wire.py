@@ -361,7 +361,7 @@ class WireClient:
         pool = client.options.pool_options
         self._connect_timeout = pool.connect_timeout
         self._timeout = pool.socket_timeout or None
-        self._appname: str = (pool.metadata.get("application") or {}).get("name", "")
+        self._appname: str = pool.appname or ""
         self._credentials: Credentials | None = None
         mechanism = options.get("authMechanism", "DEFAULT")
         if parsed.get("username") is not None:
