@@ -11,9 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
+import subprocess
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import bson
 import pytest
@@ -25,6 +30,7 @@ from pymongo.errors import (
     NotPrimaryError,
     OperationFailure,
 )
+from pymongo.uri_parser import parse_uri
 
 from deploy.local.servers import LOOPBACK, LocalServer, free_port, mongo_server
 from shared.config import Settings
@@ -32,7 +38,7 @@ from tests.support import message_docs
 from worker.app import wire_client
 from worker.processor import _duplicate_index
 from worker.store import Doc, Store, create_client
-from worker.wire import COMMAND_ROOM, WireClient, unsupported
+from worker.wire import COMMAND_ROOM, WireClient, WireConnection, tls_context, unsupported
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -189,6 +195,101 @@ async def test_without_credentials_a_server_that_requires_them_refuses(
         with pytest.raises(OperationFailure) as caught:
             await wire.insert("messages", _docs("c", 1, 1), {})
         assert caught.value.code == 13  # Unauthorized
+
+
+# -- TLS --------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    binary = shutil.which("openssl")
+    if binary is None:
+        reason = "openssl (Debian's openssl package) is not installed"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
+        pytest.skip(reason)
+    subprocess.run([binary, *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _certificate(cwd: Path, name: str, ca: str, *extensions: str) -> Path:
+    """A key and a certificate signed by ``ca``, in one PEM file (as mongod takes them)."""
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+             f"{name}.csr", "-subj", f"/CN={name}", cwd=cwd)  # fmt: skip
+    (cwd / f"{name}.ext").write_text("".join(f"{line}\n" for line in extensions))
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-out", f"{name}.crt", "-days", "2",
+             "-extfile", f"{name}.ext", cwd=cwd)  # fmt: skip
+    pem = cwd / f"{name}.pem"
+    pem.write_bytes((cwd / f"{name}.key").read_bytes() + (cwd / f"{name}.crt").read_bytes())
+    return pem
+
+
+@dataclass
+class TlsMongo:
+    server: LocalServer
+    ca: Path
+    other_ca: Path
+    client: Path
+
+
+@pytest.fixture(scope="module")
+def tls_mongo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsMongo]:
+    """A mongod that takes TLS only, with a certificate for "localhost" (no IP address),
+    and requires a client certificate from the same authority."""
+    certs = tmp_path_factory.mktemp("certs")
+    for ca in ("ca", "other-ca"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key",
+                 "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN={ca}", cwd=certs)  # fmt: skip
+    server_pem = _certificate(certs, "server", "ca", "subjectAltName=DNS:localhost")
+    client_pem = _certificate(certs, "client", "ca", "extendedKeyUsage=clientAuth")
+    tls = ["--tlsMode", "requireTLS", "--tlsCertificateKeyFile", str(server_pem)]
+    tls += ["--tlsCAFile", str(certs / "ca.pem")]  # and so a client certificate is required
+    server = mongo_server(free_port(), tmp_path_factory.mktemp("tls-mongo"), extra=tls)
+    server.start(timeout=60)
+    try:
+        yield TlsMongo(server, certs / "ca.pem", certs / "other-ca.pem", client_pem)
+    finally:
+        server.stop()
+
+
+def _tls_url(tls: TlsMongo, *, client_cert: bool = True, **options: str) -> str:
+    query = {"tls": "true", "tlsCAFile": str(tls.ca)}
+    if client_cert:
+        query["tlsCertificateKeyFile"] = str(tls.client)
+    query.update(options)
+    return f"mongodb://localhost:{tls.server.port}/chat?{urllib.parse.urlencode(query)}"
+
+
+async def test_tls_as_pymongo_connects(tls_mongo: TlsMongo) -> None:
+    url = _tls_url(tls_mongo)
+    assert unsupported(url) is None
+    async with _stores(url, "chat") as (plain, lean, wire):
+        await lean.insert_messages(_docs("tls", 1, 2))
+        assert [d["seq"] for d in await lean.history("tls", limit=10)] == [1, 2]
+        assert len(await plain.history("tls", limit=10)) == 2
+        [conn] = wire._idle
+        transport = conn._protocol.transport
+        assert transport is not None and transport.get_extra_info("ssl_object") is not None
+
+
+async def _open(url: str, address: tuple[str, int]) -> WireConnection:
+    options = parse_uri(url, warn=True)["options"]
+    return await WireConnection.open(
+        address, connect_timeout=5, timeout=5, tls=tls_context(options)
+    )
+
+
+async def test_tls_checks_the_certificate_and_its_names(tls_mongo: TlsMongo) -> None:
+    port = tls_mongo.server.port
+    # The certificate names "localhost", not 127.0.0.1, and PyMongo's client would refuse.
+    with pytest.raises(AutoReconnect, match=r"IP address mismatch|certificate verify failed"):
+        await _open(_tls_url(tls_mongo), (LOOPBACK, port))
+    conn = await _open(_tls_url(tls_mongo, tlsAllowInvalidHostnames="true"), (LOOPBACK, port))
+    conn.close()
+    with pytest.raises(AutoReconnect, match="certificate verify failed"):
+        await _open(_tls_url(tls_mongo, tlsCAFile=str(tls_mongo.other_ca)), ("localhost", port))
+    # Without a client certificate the server ends the connection.
+    with pytest.raises(AutoReconnect):
+        await _open(_tls_url(tls_mongo, client_cert=False), ("localhost", port))
 
 
 # -- failures ---------------------------------------------------------------------
@@ -354,10 +455,9 @@ async def test_a_primary_that_steps_down_is_not_primary_and_then_found_again(
         ("mongodb://u:p@h1,h2/chat?replicaSet=rs&w=majority&journal=true", None),
         ("mongodb://u:p@h/chat?authMechanism=SCRAM-SHA-1&authSource=admin", None),
         ("mongodb://h/chat?readPreference=primary&appname=x&socketTimeoutMS=5", None),
-        ("mongodb://h/chat?tls=true", "TLS"),
-        ("mongodb://h/chat?ssl=true", "TLS"),
         ("mongodb://h/chat?compressors=zlib", "wire compression"),
         ("mongodb://h/chat?tls=false&ssl=false", None),
+        ("mongodb://h/chat?tls=true&tlsAllowInvalidHostnames=true", None),
         ("mongodb+srv://u:p@cluster.example.com/chat", "mongodb+srv"),
         ("mongodb://h/chat?loadBalanced=true", "load-balanced mode"),
         ("mongodb://h/chat?readPreference=secondaryPreferred", "read preference"),
@@ -380,7 +480,7 @@ def test_which_urls_it_serves(url: str, reason: str | None) -> None:
     [
         ("mongodb://127.0.0.1:27017/chat", True, True),
         ("mongodb://127.0.0.1:27017/chat", False, False),
-        ("mongodb://127.0.0.1:27017/chat?tls=true&tlsInsecure=true", True, False),
+        ("mongodb://127.0.0.1:27017/chat?compressors=zlib", True, False),
     ],
 )
 async def test_the_worker_takes_the_lean_path_only_where_it_may(

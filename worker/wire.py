@@ -15,10 +15,12 @@ It is deliberately small, and used only where it is sure to behave like PyMongo:
   every failure, so discovery, fail-over and server selection stay PyMongo's (its
   streaming monitor hears of a step-down at once);
 * credentials: none, or SCRAM-SHA-256 / SCRAM-SHA-1 (RFC 5802, MongoDB's defaults);
+* TLS as the URL's ``tls*`` options ask, with a context built by PyMongo's own option
+  parser (the same CA, certificate, CRL and hostname checks as its connections);
 * reads from the primary only, with the server's default read concern;
-* no TLS, compression or load-balanced mode, and not several mongoses: :func:`unsupported`
-  names what a URL asks for that this connection does not do, and the worker then keeps
-  PyMongo for these calls too.
+* no compression or load-balanced mode, no ``mongodb+srv``, not several mongoses:
+  :func:`unsupported` names what a URL asks for that this connection does not do, and
+  the worker then keeps PyMongo for these calls too.
 
 Failures raise PyMongo's own exceptions, so callers handle both paths alike: a lost or
 timed-out connection ``AutoReconnect`` / ``NetworkTimeout``, a server that is no longer
@@ -37,6 +39,7 @@ import itertools
 import os
 import platform
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -74,7 +77,6 @@ SCRAM = {"SCRAM-SHA-256": hashlib.sha256, "SCRAM-SHA-1": hashlib.sha1}
 # URI options (parse_uri's validated names) that change how a command must be sent or
 # where it may go: a URL that sets one keeps PyMongo's path.
 UNSUPPORTED_OPTIONS = {
-    "tls": "TLS",
     "compressors": "wire compression",
     "loadBalanced": "load-balanced mode",
     "readConcernLevel": "a read concern",
@@ -89,7 +91,7 @@ def _options(url: str) -> dict[str, Any]:
 def unsupported(url: str) -> str | None:
     """Why this connection cannot stand in for PyMongo with ``url`` (None: it can)."""
     if url.startswith("mongodb+srv://"):
-        return "mongodb+srv (TLS by default)"
+        return "mongodb+srv (its DNS records are PyMongo's to follow)"
     parsed = _options(url)
     options = parsed["options"]
     for name, what in UNSUPPORTED_OPTIONS.items():
@@ -106,6 +108,22 @@ def unsupported(url: str) -> str | None:
         # server (client.address refuses); a replica set is named with replicaSet=.
         return "several hosts without replicaSet="
     return None
+
+
+def tls_context(options: Mapping[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context for parse_uri's validated ``options`` (None: plain TCP).
+
+    Built by PyMongo's own parser, so ``tls=`` and the ``tls*`` options that imply it
+    mean here what they mean to PyMongo. A context of our own: PyMongo's is shared by
+    its connections and changed by them (TLS session resumption per server).
+    """
+    from pymongo.client_options import _parse_ssl_options
+
+    # It reads the lower-cased names (PyMongo's own option dictionary ignores case).
+    context, _ = _parse_ssl_options({name.lower(): v for name, v in options.items()}, False)
+    if context is not None and not isinstance(context, ssl.SSLContext):
+        raise TypeError(f"PyMongo built a {type(context)!r}, not an ssl.SSLContext")
+    return context
 
 
 class _Protocol(asyncio.Protocol):
@@ -179,14 +197,19 @@ class WireConnection:
         timeout: float | None,
         credentials: Credentials | None = None,
         appname: str = "",
+        tls: ssl.SSLContext | None = None,
     ) -> WireConnection:
-        """Connect, greet the server (``hello``) and authenticate."""
+        """Connect (over TLS with ``tls``), greet the server (``hello``), authenticate."""
         loop = asyncio.get_running_loop()
         host, port = address
         try:
             async with asyncio.timeout(connect_timeout):
-                transport, protocol = await loop.create_connection(_Protocol, host, port)
-        except (OSError, TimeoutError) as exc:
+                # The host name goes to the handshake, which checks the certificate's
+                # names against it unless the context was told not to.
+                transport, protocol = await loop.create_connection(
+                    _Protocol, host, port, ssl=tls, server_hostname=host if tls else None
+                )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             raise AutoReconnect(f"{host}:{port}: {exc or 'connect timed out'}") from exc
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -362,6 +385,7 @@ class WireClient:
         self._connect_timeout = pool.connect_timeout
         self._timeout = pool.socket_timeout or None
         self._appname: str = pool.appname or ""
+        self._tls = tls_context(options)
         self._credentials: Credentials | None = None
         mechanism = options.get("authMechanism", "DEFAULT")
         if parsed.get("username") is not None:
@@ -399,6 +423,7 @@ class WireClient:
                         timeout=self._timeout,
                         credentials=self._credentials,
                         appname=self._appname,
+                        tls=self._tls,
                     )
                 finally:
                     self._opening -= 1
