@@ -5,7 +5,7 @@ the test session itself only starts processes. Also Debian's ``chromium`` for th
 browser tests (Playwright drives it through ``executable_path``): when it cannot be
 installed the run goes on, the reason is written to ``CHROMIUM_UNAVAILABLE`` and the
 browser tests skip with it (outside CI; with ``CI=true`` they fail instead). And the
-commands the operations tests run: nginx and docker-compose installed from apt, promtool
+commands some tests run: nginx, docker-compose and openssl installed from apt, promtool
 copied out of apt's prometheus package (see EXTRACTED_TOOLS).
 """
 
@@ -47,9 +47,10 @@ def ensure_chromium() -> str | None:
     return str(CHROMIUM)
 
 
-# Commands the operations tests run (tests/test_operations.py), and their apt packages.
-# When one cannot be had those tests skip with the reason (fail under CI=true).
-APT_TOOLS = {"nginx": "nginx", "docker-compose": "docker-compose"}
+# Commands the tests run (tests/test_operations.py; openssl makes the certificates of
+# tests/test_wire.py's TLS server), and their apt packages. When one cannot be had
+# those tests skip with the reason (fail under CI=true).
+APT_TOOLS = {"nginx": "nginx", "docker-compose": "docker-compose", "openssl": "openssl"}
 # Commands taken out of their apt package into TOOLS_BIN rather than installed with it:
 # installing prometheus would also start a Prometheus server on :9090 and, as a
 # recommendation, node-exporter on :9100 (the worker's default port) on a host with
