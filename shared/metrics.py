@@ -212,6 +212,12 @@ class WorkerMetrics:
         self.partitions_owned = Gauge(
             "chat_worker_partitions_owned", "Partitions this worker holds a lease on.", registry=r
         )
+        self.mongo_wire_connections = Gauge(
+            "chat_worker_mongo_wire_connections",
+            "Lean MongoDB connections open for inserts and history pages (MONGO_WIRE); "
+            "0 while PyMongo makes those calls too.",
+            registry=r,
+        )
         self.auth_cache = Counter(
             "chat_worker_auth_cache",
             "Token and membership cache look-ups, by result (hit|miss), and entries read "

@@ -283,6 +283,7 @@ async def test_metrics_move_with_traffic_and_logs_stay_clean(
     assert dw("chat_worker_auth_cache_total", result="hit") >= n
     assert dw("chat_worker_auth_cache_total", result="miss") >= 1  # the unknown token
     assert w1.value("chat_worker_partitions_owned") == stack.settings.partitions
+    assert w1.value("chat_worker_mongo_wire_connections") >= 1  # inserts took the lean path
     assert w1.value("chat_ready") == 1
     # Stream gauges are read at scrape time: this partition's stream holds every
     # request so far (2 joins + n sends + 1 history), none of them unacknowledged.

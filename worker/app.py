@@ -354,4 +354,6 @@ async def metrics(request: web.Request) -> web.Response:
         except Exception as exc:
             log.debug("stream sampling failed", extra={"error": repr(exc)})
     app[METRICS].ready.set(1 if is_ready(app)[0] else 0)
+    wire = app[STORE].wire
+    app[METRICS].mongo_wire_connections.set(wire.connections if wire is not None else 0)
     return web.Response(body=render(app[METRICS].registry), headers={"Content-Type": CONTENT_TYPE})
