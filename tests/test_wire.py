@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -511,3 +512,19 @@ async def test_the_server_sees_the_lean_connections_by_name(
         mine = await ops.to_list()
         assert mine, "no lean connection in currentOp"
         assert {op.get("appName") for op in mine} == {"chat-worker"}
+
+
+async def test_sockets_are_set_up_as_pymongo_sets_them_up(
+    settings: Settings, cleanup: None
+) -> None:
+    async with _stores(settings.mongo_url, settings.mongo_database) as (_, lean, wire):
+        await lean.history("c", limit=1)
+        [conn] = wire._idle
+        transport = conn._protocol.transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 120
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 9
