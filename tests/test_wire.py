@@ -35,6 +35,7 @@ from pymongo.uri_parser import parse_uri
 
 from deploy.local.servers import LOOPBACK, LocalServer, free_port, mongo_server
 from shared.config import Settings
+from tests.conftest import Servers
 from tests.support import message_docs
 from worker.app import wire_client
 from worker.processor import _duplicate_index
@@ -324,6 +325,10 @@ class Relay:
 
         await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
 
+    def url(self, database: str, query: str = "") -> str:
+        """A MongoDB URL that goes through the relay."""
+        return f"mongodb://{LOOPBACK}:{self.port}/{database}" + (f"?{query}" if query else "")
+
     def cut(self) -> None:
         for writer in self._writers:
             writer.transport.abort()
@@ -336,9 +341,8 @@ class Relay:
 
 
 @pytest.fixture
-async def relay(settings: Settings) -> AsyncIterator[Relay]:
-    port = int(settings.mongo_url.rsplit(":", 1)[1].split("/")[0])
-    started = Relay(port)
+async def relay(servers: Servers) -> AsyncIterator[Relay]:
+    started = Relay(servers.mongo.port)
     await started.start()
     try:
         yield started
@@ -349,7 +353,7 @@ async def relay(settings: Settings) -> AsyncIterator[Relay]:
 async def test_a_cut_connection_fails_what_is_in_flight_and_is_opened_again(
     settings: Settings, cleanup: None, relay: Relay
 ) -> None:
-    url = f"mongodb://{LOOPBACK}:{relay.port}/{settings.mongo_database}"
+    url = relay.url(settings.mongo_database)
     async with _stores(url, settings.mongo_database) as (plain, lean, _):
         await lean.insert_messages(_docs("c", 1, 1))
         relay.flowing.clear()
@@ -367,7 +371,7 @@ async def test_a_cut_connection_fails_what_is_in_flight_and_is_opened_again(
 async def test_a_server_that_stops_answering_times_out(
     settings: Settings, cleanup: None, relay: Relay
 ) -> None:
-    url = f"mongodb://{LOOPBACK}:{relay.port}/{settings.mongo_database}?socketTimeoutMS=300"
+    url = relay.url(settings.mongo_database, "socketTimeoutMS=300")
     async with _stores(url, settings.mongo_database) as (_, lean, wire):
         await lean.insert_messages(_docs("c", 1, 1))
         relay.flowing.clear()
@@ -384,7 +388,7 @@ async def test_a_server_that_stops_answering_times_out(
 async def test_concurrent_calls_get_connections_of_their_own_up_to_the_pool_size(
     settings: Settings, cleanup: None, relay: Relay
 ) -> None:
-    url = f"mongodb://{LOOPBACK}:{relay.port}/{settings.mongo_database}?maxPoolSize=2"
+    url = relay.url(settings.mongo_database, "maxPoolSize=2")
     async with _stores(url, settings.mongo_database) as (_, lean, wire):
         await lean.insert_messages(_docs("c", 1, 3))
         assert wire.connections == 1
