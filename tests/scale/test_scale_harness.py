@@ -208,13 +208,17 @@ def test_harness_end_to_end_on_ours(tmp_path: Path) -> None:
     assert step["verification"]["passed"]
     assert step["verification"]["stored"] == step["counts"]["acked"] == step["counts"]["sent"] > 0
     times = step["server_time"]
-    # ~80 sends in the window: each held by a gateway for longer than its stream wait
-    # and its batch took together, every batch timed, and every insert among them.
+    # ~80 sends in the window, every batch timed, and every insert among them.
     held = times["gateway_request_ms"]["send_message"]
     assert 0 < times["stream_wait_ms"] and 0 < times["batch_ms"]
-    # (Less a margin: the worker reads Redis's clock from TIME, off by up to half a
-    # round trip, and a start-up round trip on a busy machine can take a millisecond.)
-    assert held >= times["stream_wait_ms"] + times["batch_ms"] - 0.5
+    # A gateway holds a send through its stream wait and its batch, so the three are the
+    # same kind of quantity in the same unit. Not a bound on the sum, though: the batch's
+    # timer runs on until the PUBLISH+XACK round trip returns to the worker, which races
+    # the reply's way to the gateway; the wait is read on an estimate of Redis's clock;
+    # and the means weigh batches and requests differently. (CI once saw held 2.06 ms
+    # against 1.42 + 1.35.) A unit or window slip would be off by a factor of 1,000.
+    parts = times["stream_wait_ms"] + times["batch_ms"]
+    assert parts / 4 < held < parts * 100
     assert times["batches_per_s"] > 0 and times["entries_per_batch"] >= 1
     assert times["mongo_ms"]["insert"] > 0
     assert 0 < times["worker_loop_busy"] < 1
