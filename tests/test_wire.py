@@ -40,7 +40,14 @@ from tests.support import message_docs
 from worker.app import wire_client
 from worker.processor import _duplicate_index
 from worker.store import Doc, Store, create_client
-from worker.wire import COMMAND_ROOM, WireClient, WireConnection, tls_context, unsupported
+from worker.wire import (
+    COMMAND_ROOM,
+    WireClient,
+    WireConnection,
+    not_primary,
+    tls_context,
+    unsupported,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -400,6 +407,78 @@ async def test_concurrent_calls_get_connections_of_their_own_up_to_the_pool_size
         pages = await asyncio.gather(*reads)
         assert [len(p) for p in pages] == [1, 2, 3, 3]
         assert wire.connections == 2
+
+
+async def test_a_timed_out_call_closes_its_own_connection_only(
+    settings: Settings, cleanup: None
+) -> None:
+    url = settings.mongo_url + ("&" if "?" in settings.mongo_url else "?") + "socketTimeoutMS=500"
+    async with _stores(url, settings.mongo_database) as (_, lean, wire):
+        await lean.insert_messages(_docs("c", 1, 1))
+        await asyncio.gather(lean.history("c", limit=1), lean.history("c", limit=1))
+        assert wire.connections == 2  # both idle now
+        # One slow query (the server sleeps in it) outlasts socketTimeoutMS.
+        slow = {"chat_id": "c", "$where": "sleep(2000) || true"}
+        with pytest.raises(NetworkTimeout):
+            await wire.find("messages", slow, sort={"seq": 1}, limit=1)
+        assert wire.connections == 1  # the other stays open (PyMongo keeps its pool too)
+        assert [d["seq"] for d in await lean.history("c", limit=1)] == [1]
+        assert wire.connections == 1
+
+
+async def test_a_connection_lost_while_idle_is_forgotten(
+    settings: Settings, cleanup: None, relay: Relay
+) -> None:
+    async with _stores(relay.url(settings.mongo_database), settings.mongo_database) as (
+        _,
+        lean,
+        wire,
+    ):
+        await lean.insert_messages(_docs("c", 1, 1))
+        relay.cut()  # while the connection sits idle in the pool
+        await asyncio.sleep(0.2)
+        await lean.insert_messages(_docs("c", 2, 1))
+        assert wire.connections == 1  # the new one; the dead one is not counted or kept
+
+
+async def test_a_call_cancelled_before_its_reply_closes_its_connection(
+    settings: Settings, cleanup: None, relay: Relay
+) -> None:
+    async with _stores(relay.url(settings.mongo_database), settings.mongo_database) as (
+        plain,
+        lean,
+        wire,
+    ):
+        await lean.insert_messages(_docs("c", 1, 1))
+        relay.flowing.clear()
+        pending = asyncio.create_task(lean.history("c", limit=1))
+        await asyncio.sleep(0.2)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        # Reused, the connection would make the next call wait behind the old reply.
+        assert wire.connections == 0
+        relay.flowing.set()
+        await lean.insert_messages(_docs("c", 2, 1))
+        assert [d["seq"] for d in await plain.history("c", limit=10)] == [1, 2]
+        assert wire.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        ({"code": 10107, "errmsg": "not primary"}, True),
+        ({"code": 10058, "errmsg": "not master"}, True),  # LegacyNotPrimary
+        ({"code": 91, "errmsg": "shutting down"}, True),
+        ({"errmsg": "not master and secondaryOk=false"}, True),  # no code: by the words
+        ({"errmsg": "node is recovering"}, True),
+        ({"code": 11000, "errmsg": "E11000 duplicate key: not master"}, False),  # code wins
+        ({"code": 64, "errmsg": "waiting for replication timed out"}, False),
+        ({"errmsg": "command failed"}, False),
+    ],
+)
+def test_not_primary_is_read_as_pymongo_reads_it(error: Doc, expected: bool) -> None:
+    assert not_primary(error) is expected
 
 
 @pytest.fixture(scope="module")

@@ -73,8 +73,10 @@ MAX_POOL = 100
 COMMAND_ROOM = 16 * 1024
 # TCP keepalive as PyMongo sets it: first probe after 120 s idle, then every 10 s, 9 times.
 KEEPALIVE = {"TCP_KEEPIDLE": 120, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 9}
-# Error codes that mean "not the primary (any more)" (the drivers' SDAM specification).
-NOT_PRIMARY_CODES = frozenset({10107, 13435, 13436, 189, 91, 11600, 11602})
+# Error codes that mean "not the primary (any more)" (the drivers' SDAM specification,
+# as PyMongo lists them); without a code, these words in the message say the same.
+NOT_PRIMARY_CODES = frozenset({10058, 10107, 13435, 13436, 189, 91, 11600, 11602})
+NOT_PRIMARY_WORDS = ("not master", "node is recovering")
 SCRAM = {"SCRAM-SHA-256": hashlib.sha256, "SCRAM-SHA-1": hashlib.sha1}
 # URI options (parse_uri's validated names) that change how a command must be sent or
 # where it may go: a URL that sets one keeps PyMongo's path.
@@ -281,12 +283,16 @@ class WireConnection:
             protocol._fail(NetworkTimeout(f"MongoDB did not answer within {self.timeout} s"))
             raise NetworkTimeout(f"{body_name(body)}: no reply within {self.timeout} s") from exc
         except BaseException:
-            protocol.waiting.pop(request_id, None)
+            # Still waited for (not answered, the connection not failed): the call was
+            # cancelled before its reply came. MongoDB answers a connection's requests
+            # in turn, so the next call on it would queue behind this one.
+            if protocol.waiting.pop(request_id, None) is not None:
+                protocol._fail(AutoReconnect("a call was cancelled before its reply came"))
             raise
         if not reply.get("ok"):
             code = reply.get("code")
             message = reply.get("errmsg", "command failed")
-            if code in NOT_PRIMARY_CODES:
+            if not_primary(reply):
                 protocol._fail(NotPrimaryError(message, reply))
                 raise NotPrimaryError(message, reply)
             raise OperationFailure(message, code, reply)
@@ -295,6 +301,16 @@ class WireConnection:
     def close(self) -> None:
         """Close the socket (idempotent); requests in flight fail with AutoReconnect."""
         self._protocol._fail(AutoReconnect("connection closed"))
+
+
+def not_primary(error: Mapping[str, Any]) -> bool:
+    """Whether a command's or write concern's error says the server is not (or no longer)
+    the primary, as PyMongo reads it: by code, or by message when there is no code."""
+    code = error.get("code")
+    if code is not None:
+        return code in NOT_PRIMARY_CODES
+    message = str(error.get("errmsg", ""))
+    return any(words in message for words in NOT_PRIMARY_WORDS)
 
 
 def body_name(body: Mapping[str, Any]) -> str:
@@ -415,7 +431,9 @@ class WireClient:
             conn = None
             while self._idle and conn is None:
                 candidate = self._idle.pop()
-                if not candidate.closed:
+                if candidate.closed:  # lost while idle (a restart, a cut)
+                    self._open.discard(candidate)
+                else:
                     conn = candidate
             if conn is None:
                 # PyMongo's topology picks the server (and notices a new primary).
@@ -437,6 +455,10 @@ class WireClient:
                 self._open.add(conn)
             try:
                 yield conn
+            except NetworkTimeout:
+                # One slow call: that connection is closed (it is not trusted with
+                # another), the others stay, as in PyMongo's pool.
+                raise
             except AutoReconnect:
                 # The server went away or stepped down: so did its other connections
                 # (PyMongo resets its pool likewise).
@@ -488,7 +510,7 @@ class WireClient:
             errors = reply.get("writeErrors") or []
             concern_error = reply.get("writeConcernError")
             if errors or concern_error:
-                if concern_error and concern_error.get("code") in NOT_PRIMARY_CODES:
+                if concern_error and not_primary(concern_error):
                     conn.close()
                 raise BulkWriteError(
                     {
