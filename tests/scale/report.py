@@ -14,19 +14,33 @@ from pymongo import MongoClient
 
 from tests.scale import goals
 from tests.scale.common import fd_limit, with_query
+from tests.scale.procs import ROOT
 from worker.store import client_options
 
 LAT_KEYS = ("p50", "p90", "p99", "p99_9", "max")
 
 
-def _git_rev() -> str:
+def git_rev(root: Path = ROOT) -> str:
+    """The commit measured, and whether the tracked files differed from it: a figure taken
+    on uncommitted code cannot be repeated from the commit alone."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+    return f"{rev} with uncommitted changes" if rev and changed else rev
 
 
 def _versions() -> dict[str, str]:
@@ -137,7 +151,7 @@ def build(
         "workload": args.workload,
         "base_workload": workload,
         "command": command,
-        "git_rev": _git_rev(),
+        "git_rev": git_rev(),
         "machine": _machine(),
         "versions": _versions(),
         "params": vars(args),
