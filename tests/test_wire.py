@@ -429,11 +429,8 @@ async def test_a_timed_out_call_closes_its_own_connection_only(
 async def test_a_connection_lost_while_idle_is_forgotten(
     settings: Settings, cleanup: None, relay: Relay
 ) -> None:
-    async with _stores(relay.url(settings.mongo_database), settings.mongo_database) as (
-        _,
-        lean,
-        wire,
-    ):
+    url = relay.url(settings.mongo_database)
+    async with _stores(url, settings.mongo_database) as (_, lean, wire):
         await lean.insert_messages(_docs("c", 1, 1))
         relay.cut()  # while the connection sits idle in the pool
         await asyncio.sleep(0.2)
@@ -444,11 +441,8 @@ async def test_a_connection_lost_while_idle_is_forgotten(
 async def test_a_call_cancelled_before_its_reply_closes_its_connection(
     settings: Settings, cleanup: None, relay: Relay
 ) -> None:
-    async with _stores(relay.url(settings.mongo_database), settings.mongo_database) as (
-        plain,
-        lean,
-        wire,
-    ):
+    url = relay.url(settings.mongo_database)
+    async with _stores(url, settings.mongo_database) as (plain, lean, wire):
         await lean.insert_messages(_docs("c", 1, 1))
         relay.flowing.clear()
         pending = asyncio.create_task(lean.history("c", limit=1))

@@ -23,21 +23,14 @@ LAT_KEYS = ("p50", "p90", "p99", "p99_9", "max")
 def git_rev(root: Path = ROOT) -> str:
     """The commit measured, and whether the tracked files differed from it: a figure taken
     on uncommitted code cannot be repeated from the commit alone."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
+        return done.stdout.strip()
+
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
+        rev = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return ""
     return f"{rev} with uncommitted changes" if rev and changed else rev
