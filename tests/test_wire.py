@@ -17,9 +17,10 @@ import socket
 import subprocess
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import bson
 import pytest
@@ -36,6 +37,7 @@ from pymongo.uri_parser import parse_uri
 from deploy.local.servers import LOOPBACK, LocalServer, free_port, mongo_server
 from shared.config import Settings
 from tests.conftest import Servers
+from tests.scale.common import with_query
 from tests.support import message_docs
 from worker.app import wire_client
 from worker.processor import _duplicate_index
@@ -336,6 +338,13 @@ class Relay:
         """A MongoDB URL that goes through the relay."""
         return f"mongodb://{LOOPBACK}:{self.port}/{database}" + (f"?{query}" if query else "")
 
+    async def stall(self, call: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """``call`` started with the relay holding its bytes, and given time to send them."""
+        self.flowing.clear()
+        pending = asyncio.ensure_future(call)
+        await asyncio.sleep(0.2)
+        return pending
+
     def cut(self) -> None:
         for writer in self._writers:
             writer.transport.abort()
@@ -363,9 +372,7 @@ async def test_a_cut_connection_fails_what_is_in_flight_and_is_opened_again(
     url = relay.url(settings.mongo_database)
     async with _stores(url, settings.mongo_database) as (plain, lean, _):
         await lean.insert_messages(_docs("c", 1, 1))
-        relay.flowing.clear()
-        pending = asyncio.create_task(lean.insert_messages(_docs("c", 2, 1)))
-        await asyncio.sleep(0.2)
+        pending = await relay.stall(lean.insert_messages(_docs("c", 2, 1)))
         relay.cut()
         with pytest.raises(AutoReconnect):
             await pending
@@ -412,7 +419,7 @@ async def test_concurrent_calls_get_connections_of_their_own_up_to_the_pool_size
 async def test_a_timed_out_call_closes_its_own_connection_only(
     settings: Settings, cleanup: None
 ) -> None:
-    url = settings.mongo_url + ("&" if "?" in settings.mongo_url else "?") + "socketTimeoutMS=500"
+    url = with_query(settings.mongo_url, "socketTimeoutMS=500")
     async with _stores(url, settings.mongo_database) as (_, lean, wire):
         await lean.insert_messages(_docs("c", 1, 1))
         await asyncio.gather(lean.history("c", limit=1), lean.history("c", limit=1))
@@ -444,9 +451,7 @@ async def test_a_call_cancelled_before_its_reply_closes_its_connection(
     url = relay.url(settings.mongo_database)
     async with _stores(url, settings.mongo_database) as (plain, lean, wire):
         await lean.insert_messages(_docs("c", 1, 1))
-        relay.flowing.clear()
-        pending = asyncio.create_task(lean.history("c", limit=1))
-        await asyncio.sleep(0.2)
+        pending = await relay.stall(lean.history("c", limit=1))
         pending.cancel()
         with pytest.raises(asyncio.CancelledError):
             await pending

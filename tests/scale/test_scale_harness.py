@@ -229,16 +229,15 @@ def test_a_report_says_when_it_measured_uncommitted_code(tmp_path: Path) -> None
     """The commit, and whether tracked files differed from it (untracked ones do not:
     reports and data folders are ignored or new)."""
 
-    def git(*args: str) -> None:
-        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+        return done.stdout.decode().strip()
 
     git("init", "-q")
     (tmp_path / "code.py").write_text("x = 1\n")
     git("add", "code.py")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
-    rev = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True
-    ).stdout.strip()
+    rev = git("rev-parse", "--short", "HEAD")
     (tmp_path / "new.txt").write_text("untracked\n")
     assert reporting.git_rev(tmp_path) == rev
     (tmp_path / "code.py").write_text("x = 2\n")
