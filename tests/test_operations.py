@@ -46,7 +46,7 @@ from shared.metrics import GatewayMetrics, WorkerMetrics
 from tests.conftest import Servers
 from tests.support import ROOT, Client, Seeder, Stack, mongo_store
 from worker.auth import Authenticator
-from worker.consumer import Consumer
+from worker.consumer import Consumer, RedisClock, clock_offset
 from worker.partitions import ORPHAN_GRACE, PartitionManager
 from worker.processor import Counters, Processor, entry_age_ms
 
@@ -393,6 +393,34 @@ def test_stream_wait_counts_from_the_middle_of_the_stamped_millisecond() -> None
     assert sum(waits) / len(waits) == pytest.approx(2.0, abs=0.01)
     assert entry_age_ms("1000-7", 1_000.2) == 0.0  # never negative
     assert entry_age_ms("1000-0", 1_003.5) == 3.0
+
+
+def test_redis_clock_believes_the_shortest_round_trip() -> None:
+    """One stretched round trip put a run's stream wait 0.5 ms low (and its transit as
+    much high) for 30 s: the offset comes from the reading with the least uncertainty,
+    not from the first, the last or their mean."""
+    readings = [
+        (100.0, 110.0030, 100.0040),  # round trip 4 ms: offset 10.0010
+        (101.0, 111.0001, 101.0002),  # 0.2 ms: offset 10.0000
+        (102.0, 112.0010, 102.0060),  # 6 ms: offset 9.9980
+    ]
+    assert clock_offset(readings) == pytest.approx(10.0, abs=1e-9)
+    assert clock_offset(readings[:1]) == pytest.approx(10.001, abs=1e-9)
+
+
+async def test_redis_clock_reads_redis_time_a_few_times_per_refresh(redis: Redis) -> None:
+    async def time_calls() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_time", {}).get("calls", 0))
+
+    clock = RedisClock(refresh=30.0, samples=5)
+    calls = await time_calls()
+    now = await clock.now_ms(redis)
+    assert await time_calls() - calls == 5
+    # The same machine's clock: the estimate is the local time (a unit slip is 1,000x off).
+    assert abs(now - time.time() * 1000.0) < 100.0
+    await clock.now_ms(redis)  # within the refresh period: no round trip
+    assert await time_calls() - calls == 5
 
 
 SELECTOR = re.compile(r"\b(chat_[a-z0-9_]+)(?:\{([^}]*)\})?")

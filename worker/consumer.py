@@ -52,11 +52,13 @@ class RedisClock:
 
     An entry's age is measured on the clock that stamped it, so skew between the
     gateway's, Redis's and this worker's machines does not matter. The offset is taken
-    from Redis ``TIME`` (error: half a round trip) and refreshed every ``refresh`` s.
+    from Redis ``TIME`` every ``refresh`` s, as the best of ``samples`` round trips (see
+    :func:`clock_offset`).
     """
 
-    def __init__(self, refresh: float = 30.0) -> None:
+    def __init__(self, refresh: float = 30.0, samples: int = 5) -> None:
         self.refresh = refresh
+        self.samples = samples
         self._offset = 0.0
         self._taken_at: float | None = None
 
@@ -64,12 +66,28 @@ class RedisClock:
         """Redis's current time in milliseconds."""
         mono = time.monotonic()
         if self._taken_at is None or mono - self._taken_at > self.refresh:
-            before = time.time()
-            seconds, micros = await redis.time()
-            after = time.time()
-            self._offset = seconds + micros / 1e6 - (before + after) / 2
+            readings = []
+            for _ in range(self.samples):
+                before = time.time()
+                seconds, micros = await redis.time()
+                readings.append((before, seconds + micros / 1e6, time.time()))
+            self._offset = clock_offset(readings)
             self._taken_at = mono
         return (time.time() + self._offset) * 1000.0
+
+
+def clock_offset(readings: list[tuple[float, float, float]]) -> float:
+    """Remote minus local clock, in seconds, from ``(sent, remote time, received)``
+    readings (local Unix seconds around each remote one).
+
+    A reading is off by at most half its round trip. One round trip can be stretched to
+    a millisecond or more on a busy machine (the event loop runs other callbacks before
+    resuming the caller, or the process is preempted), and a single such reading would
+    shift every stream wait of the next ``refresh`` seconds by half of it. So the
+    shortest round trip is the one believed, as NTP does.
+    """
+    sent, remote, received = min(readings, key=lambda r: r[2] - r[0])
+    return remote - (sent + received) / 2
 
 
 class Consumer:
