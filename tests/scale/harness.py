@@ -225,6 +225,7 @@ class Target:
         self.server_sockets = 0  # sockets per server process (for the idle workload)
         self.first_per_conn: dict[str, float] | None = None
         self.first_per_conn_tag = ""
+        self._status_client: Any = None  # ours: a client for mongod's serverStatus
 
     @property
     def adapter(self) -> str:
@@ -383,10 +384,10 @@ class Target:
 
     # ---- data
 
-    def mongo(self) -> Any:
+    def mongo(self, timeout_ms: int = 10_000) -> Any:
         from pymongo import MongoClient
 
-        return MongoClient(self.mongo_url, serverSelectionTimeoutMS=10_000)
+        return MongoClient(self.mongo_url, serverSelectionTimeoutMS=timeout_ms)
 
     def seed_mongo(self, scenario: Scenario) -> None:
         import hashlib
@@ -488,9 +489,26 @@ class Target:
         texts = self._metrics(("gateway", "worker"))
         if any(text is None for text in texts.values()):
             return None
-        return server_time.parse([text.decode() for text in texts.values() if text is not None])
+        totals = server_time.parse([text.decode() for text in texts.values() if text is not None])
+        totals.update(self._mongod_totals())
+        return totals
+
+    def _mongod_totals(self) -> server_time.Totals:
+        """mongod's own counters now (empty when it does not answer: the window then
+        gives the servers' account without mongod's)."""
+        from pymongo.errors import PyMongoError
+
+        if self._status_client is None:
+            self._status_client = self.mongo(timeout_ms=2_000)
+        try:
+            status = self._status_client.admin.command("serverStatus")
+        except PyMongoError:
+            return {}
+        return server_time.mongod_totals(status)
 
     def close(self) -> None:
+        if self._status_client is not None:
+            self._status_client.close()
         self.sup.close()
         if not self.args.keep_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)

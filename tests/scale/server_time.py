@@ -8,12 +8,20 @@ worker's batch took (read -> published and acknowledged), and its MongoDB calls 
 operation. What is left of the gateway's time is transit: the gateway's side of XADD,
 Redis pub/sub and the event loops in between.
 
+mongod's own account of the same window comes from its ``serverStatus``, read at the
+same two moments: the mean time it spent on a read or a write command (``opLatencies``,
+from receiving the command to sending its reply, write concern included) and the mean
+time of a journal sync (WiredTiger's log syncs). Set beside the worker's time for the
+same call, it separates mongod's work from the round trip around it: the socket writes,
+the wake-ups of both processes and the decoding of the reply.
+
 Means rather than percentiles: two scrapes give a mean exactly, where a quantile from
 these buckets would only be interpolated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,6 +31,11 @@ Totals = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 REQUEST_EVENTS = ("send_message", "send_file", "get_history")
 MONGO_OPS = ("auth", "last_seq", "find_existing", "insert", "history")
+# mongod's op classes (serverStatus opLatencies): a history page is a read, an insert a write.
+MONGOD_OPS = ("reads", "writes")
+MONGOD_OP_OF = {"history": "reads", "insert": "writes"}
+_LOG_SYNCS = "log sync operations"
+_LOG_SYNC_US = "log sync time duration (usecs)"
 
 
 def parse(texts: list[str]) -> Totals:
@@ -36,6 +49,24 @@ def parse(texts: list[str]) -> Totals:
     return totals
 
 
+def mongod_totals(status: Mapping[str, Any]) -> Totals:
+    """The counters of one ``serverStatus`` reply that :func:`window` reads, as totals
+    (microseconds and counts; absent when this mongod does not report them)."""
+    totals: Totals = {}
+    latencies = status.get("opLatencies") or {}
+    for op in MONGOD_OPS:
+        counter = latencies.get(op)
+        if counter is not None:
+            labels = (("op", op),)
+            totals[("mongod_op_latency_microseconds_sum", labels)] = float(counter["latency"])
+            totals[("mongod_op_latency_microseconds_count", labels)] = float(counter["ops"])
+    log = (status.get("wiredTiger") or {}).get("log") or {}
+    if _LOG_SYNCS in log and _LOG_SYNC_US in log:
+        totals[("mongod_journal_sync_microseconds_sum", ())] = float(log[_LOG_SYNC_US])
+        totals[("mongod_journal_sync_microseconds_count", ())] = float(log[_LOG_SYNCS])
+    return totals
+
+
 def _delta(before: Totals, after: Totals, name: str, **labels: str) -> float:
     want = set(labels.items())
     return sum(
@@ -45,12 +76,15 @@ def _delta(before: Totals, after: Totals, name: str, **labels: str) -> float:
     )
 
 
-def _mean_ms(before: Totals, after: Totals, base: str, **labels: str) -> tuple[float, float]:
-    """(mean in ms or -1 when nothing was observed, how many observations)."""
+def _mean_ms(
+    before: Totals, after: Totals, base: str, per_unit: float = 1000.0, **labels: str
+) -> tuple[float, float]:
+    """(mean in ms or -1 when nothing was observed, how many observations); ``per_unit``:
+    milliseconds per unit of the sums (seconds by default)."""
     count = _delta(before, after, base + "_count", **labels)
     if count <= 0:
         return -1.0, 0.0
-    return round(_delta(before, after, base + "_sum", **labels) / count * 1000.0, 3), count
+    return round(_delta(before, after, base + "_sum", **labels) / count * per_unit, 3), count
 
 
 def window(before: Totals, after: Totals, seconds: float, workers: int = 1) -> dict[str, Any]:
@@ -80,6 +114,14 @@ def window(before: Totals, after: Totals, seconds: float, workers: int = 1) -> d
     # one is what makes new entries wait in their stream (queueing in front of it).
     busy = _delta(before, after, "chat_worker_batch_seconds_sum")
     out["worker_loop_busy"] = round(busy / (seconds * max(1, workers)), 3) if seconds > 0 else None
+    out["mongod_ms"] = {}
+    for op in MONGOD_OPS:
+        mean, count = _mean_ms(before, after, "mongod_op_latency_microseconds", 1e-3, op=op)
+        if count:
+            out["mongod_ms"][op] = mean
+    mean, count = _mean_ms(before, after, "mongod_journal_sync_microseconds", 1e-3)
+    out["journal_sync_ms"] = mean if count else None
+    out["journal_syncs_per_s"] = round(count / seconds, 1) if count and seconds > 0 else None
     return out
 
 
@@ -93,7 +135,16 @@ def describe(times: dict[str, Any] | None, event: str) -> str:
         return ""
     op = "history" if event == "get_history" else "insert"
     mongo = times["mongo_ms"].get(op)
-    inside = f" ({op} call {mongo:.2f} ms)" if mongo is not None else ""
+    inside = ""
+    if mongo is not None:
+        inside = f" ({op} call {mongo:.2f} ms"
+        own = (times.get("mongod_ms") or {}).get(MONGOD_OP_OF[op])
+        if own is not None:
+            inside += f", mongod's own time for a {MONGOD_OP_OF[op][:-1]} {own:.2f}"
+        sync = times.get("journal_sync_ms")
+        if op == "insert" and sync is not None:
+            inside += f", a journal sync {sync:.2f}"
+        inside += ")"
     transit = max(0.0, held - wait - batch)
     text = (
         f"time in the servers (means over the window, from their /metrics): a gateway "

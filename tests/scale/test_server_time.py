@@ -1,10 +1,16 @@
-"""Time in the servers from two scrapes (pure functions on real exposition text)."""
+"""Time in the servers from two scrapes: pure functions on real exposition text, and
+mongod's own counters read from a real mongod."""
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
 from prometheus_client import generate_latest
+from pymongo import MongoClient, WriteConcern
 
 from shared.metrics import GatewayMetrics, WorkerMetrics
+from tests.conftest import Servers
 from tests.scale import goals, server_time
 from tests.scale.test_goals import _ours, _step
 
@@ -80,3 +86,79 @@ def test_an_unmet_latency_goal_says_where_the_time_went() -> None:
     del step["server_time"]
     verdict = goals.evaluate("history", {"history_prefill": 1_000_000}, [_ours(step)], 2, 1)[0]
     assert "time in the servers" not in verdict["bound"]
+
+
+def test_mongods_own_account_of_the_window(servers: Servers) -> None:
+    """Counters read from a real mongod's serverStatus, around journaled inserts and
+    finds: mongod's mean time per read and per write, and per journal sync."""
+    with MongoClient(servers.mongo.url, serverSelectionTimeoutMS=10_000) as client:
+        messages = client.get_database(f"t_{uuid.uuid4().hex[:8]}").get_collection(
+            "messages", write_concern=WriteConcern(w=1, j=True)
+        )
+        try:
+            before = server_time.mongod_totals(client.admin.command("serverStatus"))
+            for n in range(20):
+                messages.insert_one({"chat_id": "c", "seq": n})
+                messages.find_one({"seq": n})
+            after = server_time.mongod_totals(client.admin.command("serverStatus"))
+        finally:
+            client.drop_database(messages.database.name)
+
+    assert len(before) == len(after) == 6  # every counter the window reads is there
+    times = server_time.window(before, after, 2.0)
+    assert set(times["mongod_ms"]) == {"reads", "writes"}
+    assert times["mongod_ms"]["reads"] > 0
+    # A journaled write waits for its sync: mongod's time for it includes the sync's.
+    assert times["mongod_ms"]["writes"] > 0
+    assert times["journal_sync_ms"] is not None and times["journal_sync_ms"] > 0
+    # Every insert asked for its own sync (other databases' writes may add a few).
+    assert times["journal_syncs_per_s"] is not None and times["journal_syncs_per_s"] >= 10
+
+
+def test_mongods_time_is_set_beside_the_workers() -> None:
+    def status(
+        reads_us: int, reads: int, writes_us: int, writes: int, sync_us: int, syncs: int
+    ) -> dict[str, Any]:
+        return {
+            "opLatencies": {
+                "reads": {"latency": reads_us, "ops": reads},
+                "writes": {"latency": writes_us, "ops": writes},
+                "commands": {"latency": 999, "ops": 9},
+            },
+            "wiredTiger": {
+                "log": {"log sync operations": syncs, "log sync time duration (usecs)": sync_us}
+            },
+        }
+
+    worker = WorkerMetrics()
+    gateway = GatewayMetrics()
+    before = _scrape(gateway, worker)
+    before.update(server_time.mongod_totals(status(1000, 10, 5000, 5, 3000, 5)))
+    for _ in range(4):
+        gateway.request_seconds.labels("send_message").observe(0.004)
+        worker.stream_wait_seconds.observe(0.001)
+    for _ in range(2):
+        worker.batch_seconds.observe(0.0015)
+        worker.batch_size.observe(2)
+        worker.mongo_seconds.labels("insert").observe(0.001)
+    after = _scrape(gateway, worker)
+    # In the window: 2 inserts of 750 µs in mongod, 2 journal syncs of 330 µs, 4 reads of 200.
+    after.update(server_time.mongod_totals(status(1800, 14, 6500, 7, 3660, 7)))
+
+    times = server_time.window(before, after, 2.0)
+    assert times["mongod_ms"] == {"reads": 0.2, "writes": 0.75}
+    assert times["journal_sync_ms"] == 0.33
+    assert times["journal_syncs_per_s"] == 1.0
+    text = server_time.describe(times, "send_message")
+    assert "(insert call 1.00 ms, mongod's own time for a write 0.75, a journal sync 0.33)" in text
+
+    # A mongod that did not answer leaves the servers' account as it was.
+    times = server_time.window(_scrape(gateway, worker), _scrape(gateway, worker), 2.0)
+    assert times["mongod_ms"] == {}
+    assert times["journal_sync_ms"] is None
+    assert "mongod" not in server_time.describe(
+        {**times, "gateway_request_ms": {"get_history": 2.0}, "stream_wait_ms": 0.5,
+         "batch_ms": 1.0, "mongo_ms": {"history": 0.5}, "batches_per_s": 1.0,
+         "entries_per_batch": 1.0},
+        "get_history",
+    )  # fmt: skip
