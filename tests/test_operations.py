@@ -396,9 +396,9 @@ def test_stream_wait_counts_from_the_middle_of_the_stamped_millisecond() -> None
 
 
 def test_redis_clock_believes_the_shortest_round_trip() -> None:
-    """One stretched round trip put a run's stream wait 0.5 ms low (and its transit as
-    much high) for 30 s: the offset comes from the reading with the least uncertainty,
-    not from the first, the last or their mean."""
+    """One stretched round trip would put every stream wait of the next 30 s off by half
+    of it: the offset comes from the reading with the least uncertainty, not from the
+    first, the last or their mean."""
     readings = [
         (100.0, 110.0030, 100.0040),  # round trip 4 ms: offset 10.0010
         (101.0, 111.0001, 101.0002),  # 0.2 ms: offset 10.0000

@@ -482,8 +482,9 @@ class Target:
                 (dest / f"metrics-{name}.txt").write_bytes(text)
 
     def metric_totals(self) -> server_time.Totals | None:
-        """Every gateway's and worker's /metrics, summed (None for a peer, or when one
-        of them did not answer: a partial sum would misattribute time)."""
+        """Every gateway's and worker's /metrics, summed, with mongod's own counters
+        (None for a peer, or when a gateway or worker did not answer: a partial sum
+        would misattribute time)."""
         if self.name != "ours":
             return None
         texts = self._metrics(("gateway", "worker"))

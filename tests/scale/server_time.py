@@ -33,7 +33,7 @@ REQUEST_EVENTS = ("send_message", "send_file", "get_history")
 MONGO_OPS = ("auth", "last_seq", "find_existing", "insert", "history")
 # mongod's op classes (serverStatus opLatencies): a history page is a read, an insert a write.
 MONGOD_OPS = ("reads", "writes")
-MONGOD_OP_OF = {"history": "reads", "insert": "writes"}
+MONGOD_OP_OF = {"history": ("reads", "read"), "insert": ("writes", "write")}
 _LOG_SYNCS = "log sync operations"
 _LOG_SYNC_US = "log sync time duration (usecs)"
 
@@ -138,9 +138,10 @@ def describe(times: dict[str, Any] | None, event: str) -> str:
     inside = ""
     if mongo is not None:
         inside = f" ({op} call {mongo:.2f} ms"
-        own = (times.get("mongod_ms") or {}).get(MONGOD_OP_OF[op])
+        kind, one = MONGOD_OP_OF[op]
+        own = (times.get("mongod_ms") or {}).get(kind)
         if own is not None:
-            inside += f", mongod's own time for a {MONGOD_OP_OF[op][:-1]} {own:.2f}"
+            inside += f", mongod's own time for a {one} {own:.2f}"
         sync = times.get("journal_sync_ms")
         if op == "insert" and sync is not None:
             inside += f", a journal sync {sync:.2f}"
