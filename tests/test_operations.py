@@ -283,6 +283,14 @@ async def test_metrics_move_with_traffic_and_logs_stay_clean(
     assert dw("chat_worker_auth_cache_total", result="hit") >= n
     assert dw("chat_worker_auth_cache_total", result="miss") >= 1  # the unknown token
     assert w1.value("chat_worker_partitions_owned") == stack.settings.partitions
+    # Known label values exist from start-up, at 0 until they happen; an operation or
+    # cause the worker uses without priming it would show up here as an extra value.
+    causes = {"already_stored", "stale_owner", "redis", "mongo"}
+    assert w1.label_values("chat_worker_retries_total", "cause") == causes
+    assert all(w1.value("chat_worker_retries_total", cause=c) == 0 for c in causes)
+    assert w1.label_values("chat_worker_mongo_seconds_count", "op") == {
+        "auth", "last_seq", "find_existing", "insert", "history",
+    }  # fmt: skip
     assert w1.value("chat_worker_mongo_wire_connections") >= 1  # inserts took the lean path
     assert w1.value("chat_ready") == 1
     # Stream gauges are read at scrape time: this partition's stream holds every
@@ -393,6 +401,28 @@ def test_stream_wait_counts_from_the_middle_of_the_stamped_millisecond() -> None
     assert sum(waits) / len(waits) == pytest.approx(2.0, abs=0.01)
     assert entry_age_ms("1000-7", 1_000.2) == 0.0  # never negative
     assert entry_age_ms("1000-0", 1_003.5) == 3.0
+
+
+def test_bound_children_are_the_labelled_series() -> None:
+    """The batch path's bound series are the metric's own: what they count is what
+    /metrics shows under those labels, and each is bound once."""
+    metrics = WorkerMetrics()
+    metrics.event("get_history", "success").inc()
+    metrics.event("get_history", "success").inc(2)
+    metrics.event("send_message", "chat_not_exists").inc()
+    metrics.mongo_op("history").observe(0.002)
+    metrics.auth_result("hit").inc(5)
+    assert metrics.event("get_history", "success") is metrics.events.labels(
+        "get_history", "success"
+    )
+    page = Metrics.parse(generate_latest(metrics.registry).decode())
+    assert page.value("chat_worker_events_total", event="get_history", result="success") == 3
+    assert (
+        page.value("chat_worker_events_total", event="send_message", result="chat_not_exists") == 1
+    )
+    assert page.value("chat_worker_mongo_seconds_count", op="history") == 1
+    assert page.value("chat_worker_mongo_seconds_sum", op="history") == pytest.approx(0.002)
+    assert page.value("chat_worker_auth_cache_total", result="hit") == 5
 
 
 def test_redis_clock_believes_the_shortest_round_trip() -> None:

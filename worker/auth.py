@@ -212,7 +212,7 @@ class Authenticator:
         for start in range(0, len(keys), REFRESH_SLICE):
             part = keys[start : start + REFRESH_SLICE]
             cache.fill(part, await load(part), now)
-            self.metrics.auth_cache.labels("refreshed").inc(len(part))
+            self.metrics.auth_result("refreshed").inc(len(part))
 
     async def identities_for(self, digests: Iterable[str]) -> dict[str, Identity | None]:
         """Identity (or None) for each digest."""
@@ -238,9 +238,9 @@ class Authenticator:
             else:
                 missing.append(key)
         if found:
-            self.metrics.auth_cache.labels("hit").inc(len(found))
+            self.metrics.auth_result("hit").inc(len(found))
         if missing:
-            self.metrics.auth_cache.labels("miss").inc(len(missing))
+            self.metrics.auth_result("miss").inc(len(missing))
             found.update(cache.fill(missing, await load(missing), now))
         return found
 

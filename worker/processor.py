@@ -253,7 +253,7 @@ class Processor:
         entry = item.entry
         frame = protocol.encode_reply(reply_type, entry.event_type, None, detail, entry.request_id)
         outcome.reply(entry.node, Reply(entry.conn, entry.req, frame, revoke=entry.chat_id))
-        self.metrics.events.labels(entry.event_type, reply_type).inc()
+        self.metrics.event(entry.event_type, reply_type).inc()
 
     async def _page(self, key: PageKey) -> list[Doc]:
         chat_id, limit, before, after = key
@@ -272,7 +272,7 @@ class Processor:
             protocol.SUCCESS, entry.event_type, messages, None, entry.request_id
         )
         grant = Grant(entry.chat_id, user, head, identity.expires_at)
-        self.metrics.events.labels(entry.event_type, protocol.SUCCESS).inc()
+        self.metrics.event(entry.event_type, protocol.SUCCESS).inc()
         return Reply(entry.conn, entry.req, frame, grant=grant)
 
     # -- sends -------------------------------------------------------------------
@@ -364,7 +364,7 @@ class Processor:
             )
             grant = Grant(chat_id, identity.user_id, head, identity.expires_at)
             outcome.reply(entry.node, Reply(entry.conn, entry.req, mine, grant=grant))
-            self.metrics.events.labels(entry.event_type, protocol.SUCCESS).inc()
+            self.metrics.event(entry.event_type, protocol.SUCCESS).inc()
             if not push:
                 continue
             if entry.request_id is None:
@@ -400,7 +400,7 @@ class Processor:
         try:
             return await awaitable
         finally:
-            self.metrics.mongo_seconds.labels(op).observe(time.perf_counter() - started)
+            self.metrics.mongo_op(op).observe(time.perf_counter() - started)
 
 
 def _duplicate_index(exc: Exception) -> str | None:
