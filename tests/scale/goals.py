@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests.scale import probe as probing
 from tests.scale.server_time import describe
 
 MET = "met"
@@ -168,7 +169,9 @@ def _throughput(
     return verdict, rate, failed
 
 
-def _chat(steps: list[dict[str, Any]], cpus: int) -> list[dict[str, str]]:
+def _chat(
+    steps: list[dict[str, Any]], cpus: int, alone: dict[str, Any] | None = None
+) -> list[dict[str, str]]:
     out = []
     goal = f"chat: >= {CHAT_RATE:,.0f} sends/s stored and delivered, p99 <= {CHAT_P99_MS:g} ms, no loss"
     verdict, _, _ = _throughput(
@@ -201,7 +204,14 @@ def _chat(steps: list[dict[str, Any]], cpus: int) -> list[dict[str, str]]:
         step = at[0]
         out.append(
             _latency(
-                goal, step, "delivery", CHAT_HALF_P50_MS, CHAT_HALF_P99_MS, cpus, "send_message"
+                goal,
+                step,
+                "delivery",
+                CHAT_HALF_P50_MS,
+                CHAT_HALF_P99_MS,
+                cpus,
+                "send_message",
+                alone,
             )
         )
     return out
@@ -215,9 +225,11 @@ def _latency(
     p99_goal: float,
     cpus: int,
     event: str,
+    alone: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Judge one latency goal; one not met names the load and, for ours, where a request
-    of ``event`` spent its time in the servers."""
+    of ``event`` spent its time in the servers and what it costs alone (``alone``:
+    probe.py's result)."""
     lat = step["latency_ms"][kind]
     p50, p99 = lat["p50"], lat["p99"]
     measured = f"p50 {p50:g} ms, p99 {p99:g} ms"
@@ -239,9 +251,9 @@ def _latency(
     if not over:
         return _verdict(goal, MET, measured)
     bound = load_text(step, cpus)
-    inside = describe(step.get("server_time"), event)
-    if inside:
-        bound += "; " + inside
+    for clause in (describe(step.get("server_time"), event), probing.describe(alone, event)):
+        if clause:
+            bound += "; " + clause
     return _verdict(goal, NOT_MET, measured, "; ".join(over), bound)
 
 
@@ -384,7 +396,9 @@ def _idle(step: dict[str, Any], gateways: int, cpus: int, max_fds: int) -> list[
     return out
 
 
-def _history(step: dict[str, Any], params: dict[str, Any], cpus: int) -> dict[str, str]:
+def _history(
+    step: dict[str, Any], params: dict[str, Any], cpus: int, alone: dict[str, Any] | None = None
+) -> dict[str, str]:
     goal = (
         f"history: p50 <= {HISTORY_P50_MS:g} ms, p99 <= {HISTORY_P99_MS:g} ms at "
         f"{HISTORY_RATE:g} get_history/s from a chat of {HISTORY_PREFILL:,} messages during writes"
@@ -400,7 +414,7 @@ def _history(step: dict[str, Any], params: dict[str, Any], cpus: int) -> dict[st
             bound=f"to test: {REPEAT} --workload history (its defaults are the goal's)",
         )
     return _latency(
-        goal, step, "history_reply", HISTORY_P50_MS, HISTORY_P99_MS, cpus, "get_history"
+        goal, step, "history_reply", HISTORY_P50_MS, HISTORY_P99_MS, cpus, "get_history", alone
     )
 
 
@@ -420,11 +434,11 @@ def evaluate(
         return []
     steps = ours["steps"]
     if base_workload == "chat":
-        return _chat(steps, cpus)
+        return _chat(steps, cpus, ours.get("probe"))
     if base_workload == "rooms":
         return _rooms(steps, results, float(params.get("slo_p99_ms") or CHAT_P99_MS), cpus)
     if base_workload == "idle":
         return _idle(steps[-1], int(params.get("gateways") or 1), cpus, max_fds)
     if base_workload == "history":
-        return [_history(steps[-1], params, cpus)]
+        return [_history(steps[-1], params, cpus, ours.get("probe"))]
     return []

@@ -15,11 +15,13 @@ the end, also on Ctrl-C, SIGTERM and errors.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import json
 import os
 import queue
+import secrets
 import shlex
 import shutil
 import signal
@@ -31,6 +33,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.scale import probe as probing
 from tests.scale import report as reporting
 from tests.scale import server_time
 from tests.scale.common import fd_limit, merge_encoded, raise_nofile, summarize, with_query
@@ -226,6 +229,7 @@ class Target:
         self.first_per_conn: dict[str, float] | None = None
         self.first_per_conn_tag = ""
         self._status_client: Any = None  # ours: a client for mongod's serverStatus
+        self.probe_token = secrets.token_hex(16)  # ours: the probe's socket (probe.py)
 
     @property
     def adapter(self) -> str:
@@ -401,19 +405,29 @@ class Target:
                 for c in scenario.clients
             ]
             users.append({"_id": PREFILL_USER, "username": "prefill", "avatar": None})
+            users.append({"_id": probing.PROBE_USER, "username": "probe", "avatar": None})
             tokens = [
                 {"_id": hashlib.sha256(c["token"].encode()).hexdigest(), "user_id": c["user_id"]}
                 for c in scenario.clients
             ]
+            tokens.append(
+                {
+                    "_id": hashlib.sha256(self.probe_token.encode()).hexdigest(),
+                    "user_id": probing.PROBE_USER,
+                }
+            )
             chats = [
                 {"_id": chat, "title": f"scale {chat}", "member_ids": members}
                 for chat, members in scenario.chats.items()
             ]
+            chats.append(
+                {"_id": probing.PROBE_CHAT, "title": "probe", "member_ids": [probing.PROBE_USER]}
+            )
             for name, docs in (("users", users), ("tokens", tokens), ("chats", chats)):
                 for i in range(0, len(docs), 5000):
                     db[name].insert_many(docs[i : i + 5000], ordered=False)
             now = int(time.time())
-            for chat, n in scenario.prefill.items():
+            for chat, n in {**scenario.prefill, probing.PROBE_CHAT: probing.PROBE_MESSAGES}.items():
                 batch = []
                 for seq in range(1, n + 1):
                     batch.append(
@@ -442,6 +456,15 @@ class Target:
             + (f", prefilled {sum(scenario.prefill.values())} messages" if scenario.prefill else "")
             + f" in {time.monotonic() - t0:.1f}s"
         )
+
+    def probe(self, rounds: int) -> dict[str, Any]:
+        """probe.py's requests one at a time on the first gateway, after the load."""
+        say(f"{self.name}: one request at a time, {rounds} of each kind")
+        try:
+            return asyncio.run(probing.probe(self.urls[0], self.probe_token, rounds))
+        except (OSError, TimeoutError, ValueError) as exc:
+            say(f"{self.name}: the probe failed: {exc!r}")
+            return {"error": repr(exc)}
 
     def stored_messages(
         self, tag: str, chats: list[str]
@@ -991,6 +1014,8 @@ def run_target(
             if args.workload == "sweep" and not step["sustainable"]:
                 break
         out["steps"] = steps
+        if name == "ours" and args.probe_rounds > 0 and steps and steps[-1]["passed"]:
+            out["probe"] = target.probe(args.probe_rounds)
         out["notes"] = target.notes
         if args.workload == "sweep":
             good = [s["offered_send_rate"] for s in steps if s.get("sustainable")]
@@ -1159,6 +1184,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         help="repeat a step (up to this many times) when other processes disturbed it",
+    )
+    p.add_argument(
+        "--probe-rounds",
+        type=int,
+        default=200,
+        help="ours, after the load: requests of each kind sent one at a time (tests/scale/"
+        "probe.py), the floor a request stands on; 0: none",
     )
     p.add_argument("--out", default="reports")
     p.add_argument("--data-dir", default=".var/scale")

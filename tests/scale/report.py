@@ -13,6 +13,7 @@ from typing import Any
 from pymongo import MongoClient
 
 from tests.scale import goals
+from tests.scale import probe as probing
 from tests.scale.common import fd_limit, with_query
 from tests.scale.procs import ROOT
 from worker.store import client_options
@@ -275,6 +276,8 @@ def markdown(report: dict[str, Any]) -> str:
                     "(ms; a gateway's request time is frame received -> reply written): "
                     + json.dumps(last["server_time"]),
                 ]
+            if r.get("probe"):
+                lines += ["", *probing.markdown(r["probe"])]
             lines += [
                 "",
                 "RSS growth per connected socket (KiB): "

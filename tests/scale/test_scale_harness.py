@@ -170,18 +170,20 @@ def test_report_says_what_ours_waited_for_before_acknowledging() -> None:
 
 
 def _short_chat_run(tmp_path: Path, target: str) -> tuple[Path, dict[str, Any]]:
-    """A 2-second chat run of ``target`` through the harness: its report folder and step."""
+    """A 2-second chat run of ``target`` through the harness: its report folder and its
+    result (steps, and ours' probe)."""
     cmd = [
         sys.executable, "-m", "tests.scale.harness", "--targets", target,
         "--workload", "chat", "--sockets", "40", "--rate", "40", "--duration", "2",
         "--drain", "3", "--quiet-wait", "0", "--out", str(tmp_path),
-        "--data-dir", str(tmp_path / "data"),
+        "--data-dir", str(tmp_path / "data"), "--probe-rounds", "20",
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert done.returncode == 0, done.stderr[-3000:]
     (report_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("-chat")]
     report = json.loads((report_dir / "report.json").read_text())
-    return report_dir, report["results"][0]["steps"][0]
+    result: dict[str, Any] = report["results"][0]
+    return report_dir, result
 
 
 def test_chart_latency_axis_reads_in_plain_milliseconds() -> None:
@@ -192,7 +194,9 @@ def test_chart_latency_axis_reads_in_plain_milliseconds() -> None:
 
 def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
     """A 2-second run on the in-memory peer: every process starts, verifies, stops."""
-    report_dir, step = _short_chat_run(tmp_path, "aiohttp")
+    report_dir, result = _short_chat_run(tmp_path, "aiohttp")
+    step = result["steps"][0]
+    assert "probe" not in result  # its replies mean other things
     assert step["verification"]["passed"]
     assert step["counts"]["acked"] == step["counts"]["sent"] > 0
     assert step["verification"]["delivered"] == step["verification"]["expected_deliveries"] > 0
@@ -204,7 +208,8 @@ def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
 def test_harness_end_to_end_on_ours(tmp_path: Path) -> None:
     """A 2-second run on the real stack (its own Redis, MongoDB, gateways and worker):
     verified against MongoDB, and the servers' own account of where the time went."""
-    report_dir, step = _short_chat_run(tmp_path, "ours")
+    report_dir, result = _short_chat_run(tmp_path, "ours")
+    step = result["steps"][0]
     assert step["verification"]["passed"]
     assert step["verification"]["stored"] == step["counts"]["acked"] == step["counts"]["sent"] > 0
     times = step["server_time"]
@@ -223,6 +228,16 @@ def test_harness_end_to_end_on_ours(tmp_path: Path) -> None:
     assert times["mongo_ms"]["insert"] > 0
     assert 0 < times["worker_loop_busy"] < 1
     assert "Time in the servers" in (report_dir / "report.md").read_text()
+    # After the load, each kind of request alone: every one answered with its own reply
+    # type (a page of 50, a stored send), and timed.
+    alone = result["probe"]["kinds"]
+    assert list(alone) == ["gateway", "worker", "get_history", "send_message"]
+    for kind in alone.values():
+        assert kind["wrong_replies"] == {} and kind["n"] == 20 and kind["p50"] > 0
+    assert (
+        "| get_history | the worker, a page of 50 from MongoDB |"
+        in (report_dir / "report.md").read_text()
+    )
 
 
 def test_a_report_says_when_it_measured_uncommitted_code(tmp_path: Path) -> None:
