@@ -229,9 +229,9 @@ def test_harness_end_to_end_on_ours(tmp_path: Path) -> None:
     assert 0 < times["worker_loop_busy"] < 1
     assert "Time in the servers" in (report_dir / "report.md").read_text()
     # After the load, each kind of request alone: every one answered with its own reply
-    # type (a page of 50, a stored send), and timed.
+    # type (a page of 50, a stored send), and timed; every send pushed to the listener.
     alone = result["probe"]["kinds"]
-    assert list(alone) == ["gateway", "worker", "get_history", "send_message"]
+    assert list(alone) == ["gateway", "worker", "get_history", "send_message", "push"]
     for kind in alone.values():
         assert kind["wrong_replies"] == {} and kind["n"] == 20 and kind["p50"] > 0
     assert (
