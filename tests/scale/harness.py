@@ -457,11 +457,13 @@ class Target:
             + f" in {time.monotonic() - t0:.1f}s"
         )
 
-    def probe(self, rounds: int) -> dict[str, Any]:
+    def probe(self, rounds: int, gap_ms: float) -> dict[str, Any]:
         """probe.py's requests one at a time on the first gateway, after the load."""
-        say(f"{self.name}: one request at a time, {rounds} of each kind")
+        say(f"{self.name}: one request at a time, {rounds} of each kind, {gap_ms:g} ms apart")
         try:
-            return asyncio.run(probing.probe(self.urls[0], self.probe_token, rounds))
+            return asyncio.run(
+                probing.probe(self.urls[0], self.probe_token, rounds, gap_ms / 1000.0)
+            )
         except (OSError, TimeoutError, ValueError) as exc:
             say(f"{self.name}: the probe failed: {exc!r}")
             return {"error": repr(exc)}
@@ -1015,7 +1017,7 @@ def run_target(
                 break
         out["steps"] = steps
         if name == "ours" and args.probe_rounds > 0 and steps and steps[-1]["passed"]:
-            out["probe"] = target.probe(args.probe_rounds)
+            out["probe"] = target.probe(args.probe_rounds, args.probe_gap_ms)
         out["notes"] = target.notes
         if args.workload == "sweep":
             good = [s["offered_send_rate"] for s in steps if s.get("sustainable")]
@@ -1191,6 +1193,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=200,
         help="ours, after the load: requests of each kind sent one at a time (tests/scale/"
         "probe.py), the floor a request stands on; 0: none",
+    )
+    p.add_argument(
+        "--probe-gap-ms",
+        type=float,
+        default=2.0,
+        help="the probe's pause before each request (longer: the processes go idle between "
+        "requests, and on a virtual machine a woken process answers slower)",
     )
     p.add_argument("--out", default="reports")
     p.add_argument("--data-dir", default=".var/scale")
