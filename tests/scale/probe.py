@@ -71,8 +71,8 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 class _Listener:
-    """A member socket that only listens: when the push carrying the awaited marker
-    arrives (timed in ``data_received``, not when read)."""
+    """The listening member's handler: notes when the push carrying the awaited marker
+    arrives (in ``data_received``, not when it is read)."""
 
     def __init__(self) -> None:
         self.marker = b""
