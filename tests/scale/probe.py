@@ -210,3 +210,17 @@ def markdown(result: dict[str, Any]) -> list[str]:
         wrong = ", ".join(f"{t} {n}" for t, n in sorted(k.get("wrong_replies", {}).items()))
         lines.append(f"| {kind} | {by[kind]} | {' | '.join(cells)} | {wrong or 'none'} |")
     return lines
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One line for the terminal: each kind's median alone."""
+    if "error" in result:
+        return f"one request at a time: the probe failed ({result['error']})"
+    kinds = result["kinds"]
+    medians = ", ".join(
+        f"{kind} {kinds[kind]['p50']:g}" for kind in kinds if kinds[kind].get("p50") is not None
+    )
+    wrong = sum(sum(k["wrong_replies"].values()) for k in kinds.values())
+    return f"one request at a time, {result['gap_ms']:g} ms apart, p50 ms: {medians}" + (
+        f" | {wrong} wrong replies" if wrong else ""
+    )

@@ -544,6 +544,8 @@ def summary(report: dict[str, Any], out_dir: Path) -> str:
                 per = s["memory"]["rss_kb_per_connection"]
                 text += f" | RSS/conn KiB {per} | server µs/socket/s {_fmt(c['server_us_per_socket_second'])}"
             lines.append(text)
+        if r.get("probe"):
+            lines.append(f"{r['target']:>9}: {probing.summary(r['probe'])}")
         if "sustainable_send_rate" in r:
             bound = "" if r.get("sweep_limit_reached") else " (no step failed: the limit is higher)"
             lines.append(

@@ -171,7 +171,7 @@ def test_report_says_what_ours_waited_for_before_acknowledging() -> None:
 
 def _short_chat_run(tmp_path: Path, target: str) -> tuple[Path, dict[str, Any]]:
     """A 2-second chat run of ``target`` through the harness: its report folder and its
-    result (steps, and ours' probe)."""
+    result (steps, and ours' probe), with what it printed under ``terminal``."""
     cmd = [
         sys.executable, "-m", "tests.scale.harness", "--targets", target,
         "--workload", "chat", "--sockets", "40", "--rate", "40", "--duration", "2",
@@ -183,6 +183,7 @@ def _short_chat_run(tmp_path: Path, target: str) -> tuple[Path, dict[str, Any]]:
     (report_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("-chat")]
     report = json.loads((report_dir / "report.json").read_text())
     result: dict[str, Any] = report["results"][0]
+    result["terminal"] = done.stdout + done.stderr  # what the harness printed
     return report_dir, result
 
 
@@ -238,6 +239,7 @@ def test_harness_end_to_end_on_ours(tmp_path: Path) -> None:
         "| get_history | the worker, a page of 50 from MongoDB |"
         in (report_dir / "report.md").read_text()
     )
+    assert "ours: one request at a time, 2 ms apart, p50 ms: gateway " in result["terminal"]
 
 
 def test_a_report_says_when_it_measured_uncommitted_code(tmp_path: Path) -> None:
