@@ -18,7 +18,13 @@ from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
 from shared import protocol
 from shared.config import ConfigError, Settings
-from shared.metrics import CONTENT_TYPE, GatewayMetrics, prime_gateway, render
+from shared.metrics import (
+    CONTENT_TYPE,
+    REDIS_COMPONENT_GATEWAY,
+    GatewayMetrics,
+    prime_gateway,
+    render,
+)
 
 from .connection import TRANSPORT_HIGH_WATER, Connection
 from .drain import Drain
@@ -105,7 +111,7 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
             (hub.keys.node_channel(settings.node_id), hub.keys.control_channel),
             hub.on_message,
             hub.on_resubscribed,
-            lambda: metrics.redis_reconnects.labels("gateway_pubsub").inc(),
+            lambda: metrics.redis_reconnects.labels(REDIS_COMPONENT_GATEWAY).inc(),
             backoff_cap=settings.retry_backoff_max,
             name=f"gateway-pubsub:{settings.node_id}",
             writes=hub.writes,

@@ -7,7 +7,7 @@ Never a chat id, a user id or a token.
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -267,8 +267,22 @@ class WorkerMetrics:
         self.ready = ready_gauge(r)
         # The series the batch path counts and times, bound once (see Children).
         self.event = Children(self.events)
-        self.mongo_op = Children(self.mongo_seconds)
-        self.auth_result = Children(self.auth_cache)
+        self._mongo_op = Children(self.mongo_seconds)
+        self._auth_result = Children(self.auth_cache)
+
+    # Typed views of the series whose label values are fixed here: a misspelt value fails
+    # the type check instead of starting a series no dashboard or priming knows.
+    def mongo_op(self, op: MongoOp) -> Histogram:
+        """``chat_worker_mongo_seconds{op}``."""
+        return self._mongo_op(op)
+
+    def auth_result(self, result: AuthCacheResult) -> Counter:
+        """``chat_worker_auth_cache_total{result}``."""
+        return self._auth_result(result)
+
+    def retry(self, cause: RetryCause) -> None:
+        """Count one batch retried for ``cause``."""
+        self.retries.labels(cause).inc()
 
 
 def redis_reconnects(registry: CollectorRegistry) -> Counter:
@@ -299,10 +313,13 @@ REDIS_COMPONENT_GATEWAY = "gateway_pubsub"
 REDIS_COMPONENT_STREAMS = "worker_streams"
 REDIS_COMPONENT_LEASES = "worker_leases"
 # The worker's MongoDB operations (chat_worker_mongo_seconds{op}).
-MONGO_OPS = ("auth", "last_seq", "find_existing", "insert", "history")
+MongoOp = Literal["auth", "last_seq", "find_existing", "insert", "history"]
+MONGO_OPS: tuple[MongoOp, ...] = get_args(MongoOp)
 # Why a worker batch was retried (chat_worker_retries_total{cause}).
-RETRY_CAUSES = ("already_stored", "stale_owner", "redis", "mongo")
-AUTH_CACHE_RESULTS = ("hit", "miss", "refreshed")
+RetryCause = Literal["already_stored", "stale_owner", "redis", "mongo"]
+RETRY_CAUSES: tuple[RetryCause, ...] = get_args(RetryCause)
+AuthCacheResult = Literal["hit", "miss", "refreshed"]
+AUTH_CACHE_RESULTS: tuple[AuthCacheResult, ...] = get_args(AuthCacheResult)
 
 
 def prime_gateway(metrics: GatewayMetrics) -> None:

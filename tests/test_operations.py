@@ -412,6 +412,7 @@ def test_bound_children_are_the_labelled_series() -> None:
     metrics.event("send_message", "chat_not_exists").inc()
     metrics.mongo_op("history").observe(0.002)
     metrics.auth_result("hit").inc(5)
+    metrics.retry("redis")
     assert metrics.event("get_history", "success") is metrics.events.labels(
         "get_history", "success"
     )
@@ -423,6 +424,7 @@ def test_bound_children_are_the_labelled_series() -> None:
     assert page.value("chat_worker_mongo_seconds_count", op="history") == 1
     assert page.value("chat_worker_mongo_seconds_sum", op="history") == pytest.approx(0.002)
     assert page.value("chat_worker_auth_cache_total", result="hit") == 5
+    assert page.value("chat_worker_retries_total", cause="redis") == 1
 
 
 def test_redis_clock_believes_the_shortest_round_trip() -> None:

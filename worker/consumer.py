@@ -309,23 +309,23 @@ class Consumer:
                 raise
             except AlreadyStored as exc:
                 # Not an error: a retry among fresh entries. Look it up and answer it.
-                self.metrics.retries.labels("already_stored").inc()
+                self.metrics.retry("already_stored")
                 log.debug("duplicate among fresh entries", extra={"index": str(exc)})
                 suspect = True
             except StaleOwner as exc:
-                self.metrics.retries.labels("stale_owner").inc()
+                self.metrics.retry("stale_owner")
                 log.warning("sequence conflict; reloading", extra={"error": str(exc)})
                 suspect = True
                 await self.partitions.tick()
             except (RedisError, OSError, RespError) as exc:
                 self.redis_ok = False
-                self.metrics.retries.labels("redis").inc()
+                self.metrics.retry("redis")
                 log.warning("publish failed; retrying", extra={"error": describe_error(exc)})
                 await backoff.sleep()
             except Exception as exc:
                 # MongoDB unavailable (or any other failure): nothing is acked, retry.
                 self.mongo_ok = _is_mongo_up(exc)
-                self.metrics.retries.labels("mongo").inc()
+                self.metrics.retry("mongo")
                 log.warning("batch failed; retrying", extra={"error": describe_error(exc)})
                 suspect = True
                 await backoff.sleep()

@@ -21,7 +21,7 @@ from typing import Any
 
 from shared import protocol
 from shared.codec import Grant, Push, Reply, StreamEntry
-from shared.metrics import WorkerMetrics
+from shared.metrics import MongoOp, WorkerMetrics
 
 from .auth import Authenticator, Identity
 from .store import CLIENT_KEY_INDEX, SEQ_INDEX, Doc, Store
@@ -395,7 +395,7 @@ class Processor:
                 )
             )
 
-    async def _timed(self, op: str, awaitable: Any) -> Any:
+    async def _timed(self, op: MongoOp, awaitable: Any) -> Any:
         started = time.perf_counter()
         try:
             return await awaitable
