@@ -26,11 +26,12 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.metrics import MONGO_OPS
+
 # (sample name, sorted label pairs) -> value, summed over processes.
 Totals = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 REQUEST_EVENTS = ("send_message", "send_file", "get_history")
-MONGO_OPS = ("auth", "last_seq", "find_existing", "insert", "history")
 # mongod's op classes (serverStatus opLatencies): a history page is a read, an insert a write.
 MONGOD_OPS = ("reads", "writes")
 MONGOD_OP_OF = {"history": ("reads", "read"), "insert": ("writes", "write")}
