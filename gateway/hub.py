@@ -337,7 +337,7 @@ class Hub:
         # before it were published ahead of this reply, so normally it is the next id;
         # if not, pushes were lost (a pub/sub outage): hold the reply back, fill the gap,
         # and send the reply in its place in id order (it then stands for the push too).
-        own = grant.head
+        own = grant.carries
         if own == state.last_seq + 1:
             state.hold(own, frame)
             self._deliver(conn, state, own, None)

@@ -79,9 +79,11 @@ def decode_stream_entry(data: bytes) -> StreamEntry:
 class Grant:
     """The worker's word that a user may receive a chat's pushes on a connection.
 
-    ``head``: for ``get_history``, the chat's last id when the request was handled; for
-    a send, the id of the message the reply carries. Pushes with higher ids follow the
-    reply on the same pub/sub connection.
+    ``head``: the last id whose push went out ahead of this reply, on the same pub/sub
+    connection; pushes with higher ids follow it. For ``get_history`` it is the chat's
+    last id when the request was handled; for a send, the id of the message the reply
+    carries, except for a client's retry of a message stored earlier: the chat's last
+    id then, and ``message_id`` names the (older) message.
     """
 
     chat_id: str
@@ -90,6 +92,13 @@ class Grant:
     # Unix seconds when the token that was checked expires (None: never). Pushes stop
     # then, whether or not the socket asks anything again.
     expires_at: float | None = None
+    # The id of the message a send's reply carries when it is not ``head`` (None: it is).
+    message_id: int | None = None
+
+    @property
+    def carries(self) -> int:
+        """The id of the message a send's reply carries."""
+        return self.head if self.message_id is None else self.message_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +120,10 @@ def encode_reply_envelope(reply: Reply) -> bytes:
         header["g"] = [grant.chat_id, grant.user_id, grant.head]
         if grant.expires_at is not None:
             header["g"].append(grant.expires_at)
+        if grant.message_id is not None:
+            # A key of its own, so that the grant's list keeps its shape for a gateway of
+            # the previous release (which then takes the chat's head for the message's id).
+            header["s"] = grant.message_id
     if reply.revoke is not None:
         header["x"] = reply.revoke
     return orjson.dumps(header) + b"\n" + reply.frame
@@ -120,12 +133,15 @@ def decode_reply_envelope(data: bytes) -> Reply:
     """Inverse of :func:`encode_reply_envelope`."""
     cut = data.index(b"\n")
     header = orjson.loads(data[:cut])
-    grant = header.get("g")
+    grant = None
+    if "g" in header:
+        chat_id, user_id, head, *expiry = header["g"]
+        grant = Grant(chat_id, user_id, head, expiry[0] if expiry else None, header.get("s"))
     return Reply(
         conn=header["c"],
         req=header["q"],
         frame=data[cut + 1 :],
-        grant=Grant(*grant) if grant else None,
+        grant=grant,
         revoke=header.get("x"),
     )
 

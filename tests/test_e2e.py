@@ -231,6 +231,34 @@ async def test_revoked_token_and_removed_member(
     assert (await client.send_text(chat, "gone", token=second))["type"] == "chat_not_exists"
 
 
+async def test_retry_that_authorises_again_pushes_only_what_follows(
+    stack: Stack, seed: Seeder, one_node: str
+) -> None:
+    """A socket whose grant ended and that retries an old send (same ``client_msg_id``)
+    is authorised again from the chat's head: messages it had before are not pushed again."""
+    alice, a_token = await seed.user("Alice")
+    bob, b_token = await seed.user("Bob")
+    chat = await seed.chat(alice, bob)
+    a = await stack.client(one_node, a_token)
+    b = await stack.client(one_node, b_token)
+    await b.join(chat)
+    first = await a.send_text(chat, "first", client_msg_id="k1")
+    later = [await a.send_text(chat, f"later {i}") for i in range(3)]
+    assert [int(r["messages"][0]["id"]) for r in [first, *later]] == [1, 2, 3, 4]
+    # A refused request ends the socket's grant for the chat.
+    refused = await a.request("get_history", chat, token="0" * 32)
+    assert refused["type"] == "token_validation_error"
+    retry = await a.send_text(chat, "first", client_msg_id="k1")
+    assert retry["type"] == "success" and retry["messages"][0]["id"] == "1"
+    news = await b.send_text(chat, "news")
+    assert news["messages"][0]["id"] == "5"
+    pushed = await a.push()
+    assert pushed["messages"][0]["id"] == "5", pushed
+    await a.no_push()
+    assert [int(p["messages"][0]["id"]) for p in [await b.push() for _ in range(4)]] == [1, 2, 3, 4]
+    await b.no_push(0.1)
+
+
 async def test_admin_cli(settings: Settings, seed: Seeder, stack: Stack, one_node: str) -> None:
     env = {
         "PYTHONPATH": str(ROOT),

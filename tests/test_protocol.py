@@ -158,6 +158,9 @@ def test_codec_round_trips() -> None:
     assert decode_push(encode_push(push)) == push
     expiring = Reply(4, 6, frame, grant=Grant("c1", "u", 8, 1_900_000_000.5))
     assert decode_reply_envelope(encode_reply_envelope(expiring)) == expiring
+    retry = Reply(4, 7, frame, grant=Grant("c1", "u", 9, message_id=3))
+    assert decode_reply_envelope(encode_reply_envelope(retry)) == retry
+    assert (Grant("c1", "u", 9, message_id=3).carries, Grant("c1", "u", 8).carries) == (3, 8)
     # A worker of the previous version sends grants without an expiry.
     old_grant = b'{"c":4,"q":5,"g":["c1","u",7]}\n' + frame
     assert decode_reply_envelope(old_grant).grant == Grant("c1", "u", 7, None)

@@ -1129,6 +1129,32 @@ async def test_a_reply_held_for_order_goes_out_when_the_grant_ends(
     await d.no_push(0.2)
 
 
+async def test_a_retried_send_is_not_held_in_place_of_a_newer_push(
+    stack: Stack, seed: Seeder
+) -> None:
+    """A retry's reply carries an old message while the grant's head is the chat's last
+    id. Holding the reply for the head's place would send it instead of that push."""
+    alice, a_token = await seed.user("Alice")
+    bob, b_token = await seed.user("Bob")
+    chat = await seed.chat(alice, bob)
+    await stack.worker()
+    url = await stack.gateway()
+    a = await stack.client(url, a_token)
+    b = await stack.client(url, b_token)
+    await b.join(chat)
+    assert (await a.send_text(chat, "first", client_msg_id="k1"))["messages"][0]["id"] == "1"
+    await b.send_text(chat, "second")
+    assert (await a.push())["messages"][0]["id"] == "2"
+    hub = app_of(stack, url)[HUB]
+    (state,) = [c.chats[chat] for c in hub.connections.values() if c.chats[chat].user_id == alice]
+    state.last_seq = 1  # as if the push of 2 had been lost with a pub/sub connection
+    retry = await a.send_text(chat, "first", client_msg_id="k1")
+    assert retry["messages"][0]["id"] == "1"
+    await b.send_text(chat, "third")
+    assert [(await a.push())["messages"][0]["id"] for _ in range(2)] == ["2", "3"]
+    await a.no_push(0.2)
+
+
 async def test_pushes_stop_when_the_token_expires(
     stack: Stack, seed: Seeder, settings: Settings
 ) -> None:

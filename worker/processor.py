@@ -301,7 +301,7 @@ class Processor:
         stored_at = self.clock()
         new_docs: list[Doc] = []
         # (item, identity, doc, head, push?): replies and pushes once the insert succeeded.
-        # A send's grant names the id of the message its reply carries.
+        # ``head`` is the grant's: the last id pushed ahead of this reply (see Grant).
         plan: list[tuple[Item, Identity, Doc, int, bool]] = []
         for item, identity in segment:
             entry = item.entry
@@ -316,7 +316,10 @@ class Processor:
                 existing = by_key.get((entry.chat_id, identity.user_id, key))
                 if existing is not None:
                     # Client retry: the first stored message, and nothing pushed again.
-                    plan.append((item, identity, existing, existing["seq"], False))
+                    # Every push up to the chat's last id went out before this reply: a
+                    # socket authorised by it gets what follows, not what it had.
+                    head = self.counters.get(entry.chat_id)
+                    plan.append((item, identity, existing, head, False))
                     continue
             seq = self.counters.get(entry.chat_id) + 1
             self.counters.put(entry.chat_id, seq)
@@ -362,7 +365,10 @@ class Processor:
                 protocol.DETAIL_SUCCESS,
                 entry.request_id,
             )
-            grant = Grant(chat_id, identity.user_id, head, identity.expires_at)
+            seq = doc["seq"]
+            grant = Grant(
+                chat_id, identity.user_id, head, identity.expires_at, None if seq == head else seq
+            )
             outcome.reply(entry.node, Reply(entry.conn, entry.req, mine, grant=grant))
             self.metrics.event(entry.event_type, protocol.SUCCESS).inc()
             if not push:
