@@ -440,19 +440,49 @@ def test_redis_clock_believes_the_shortest_round_trip() -> None:
     assert clock_offset(readings[:1]) == pytest.approx(10.001, abs=1e-9)
 
 
-async def test_redis_clock_reads_redis_time_a_few_times_per_refresh(redis: Redis) -> None:
-    async def time_calls() -> int:
-        stats = await redis.info("commandstats")
-        return int(stats.get("cmdstat_time", {}).get("calls", 0))
+async def _time_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_time", {}).get("calls", 0))
 
+
+async def test_redis_clock_reads_redis_time_on_first_use_only(redis: Redis) -> None:
     clock = RedisClock(refresh=30.0, samples=5)
-    calls = await time_calls()
+    calls = await _time_calls(redis)
     now = await clock.now_ms(redis)
-    assert await time_calls() - calls == 5
+    assert await _time_calls(redis) - calls == 5
     # The same machine's clock: the estimate is the local time (a unit slip is 1,000x off).
     assert abs(now - time.time() * 1000.0) < 100.0
-    await clock.now_ms(redis)  # within the refresh period: no round trip
-    assert await time_calls() - calls == 5
+    await clock.now_ms(redis)  # later reads are local: no batch waits for TIME
+    assert await _time_calls(redis) - calls == 5
+
+
+async def test_redis_clock_is_read_again_in_the_background(redis: Redis) -> None:
+    clock = RedisClock(refresh=0.05, samples=5)
+    await clock.now_ms(redis)
+    calls = await _time_calls(redis)
+    task = asyncio.create_task(clock.run(redis))
+    await asyncio.sleep(0.4)
+    assert await _time_calls(redis) - calls >= 10  # two refreshes at least, 5 readings each
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_redis_clock_keeps_its_offset_while_redis_is_unreachable(redis: Redis) -> None:
+    clock = RedisClock(refresh=0.05, samples=5)
+    before = await clock.now_ms(redis) - time.time() * 1000.0
+    gone = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2)
+    try:
+        task = asyncio.create_task(clock.run(gone))
+        await asyncio.sleep(0.4)
+        assert not task.done()  # failed reads are retried, not fatal
+        after = await clock.now_ms(gone) - time.time() * 1000.0  # no TIME: it would fail
+        assert abs(after - before) < 5.0
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await gone.aclose()
 
 
 SELECTOR = re.compile(r"\b(chat_[a-z0-9_]+)(?:\{([^}]*)\})?")

@@ -162,6 +162,7 @@ async def _consumer_ctx(app: web.Application) -> AsyncIterator[None]:
         "consumer": asyncio.create_task(_after(indexes, consumer.run), name="consumer"),
         "mongo_ping": asyncio.create_task(_ping_mongo(app), name="mongo-ping"),
         "auth_refresh": asyncio.create_task(auth.run_refresh(), name="auth-refresh"),
+        "clock": asyncio.create_task(consumer.clock.run(redis), name="redis-clock"),
         "control": asyncio.create_task(
             auth.run_control(
                 settings.redis_url, keys.control_channel, name=f"worker-control:{settings.node_id}"

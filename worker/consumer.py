@@ -52,28 +52,50 @@ class RedisClock:
 
     An entry's age is measured on the clock that stamped it, so skew between the
     gateway's, Redis's and this worker's machines does not matter. The offset is taken
-    from Redis ``TIME`` every ``refresh`` s, as the best of ``samples`` round trips (see
-    :func:`clock_offset`).
+    from Redis ``TIME`` as the best of ``samples`` round trips (see :func:`clock_offset`):
+    on first use, then every ``refresh`` s by :meth:`run`, off the batch path, so no
+    batch waits for those round trips.
     """
 
     def __init__(self, refresh: float = 30.0, samples: int = 5) -> None:
         self.refresh = refresh
         self.samples = samples
         self._offset = 0.0
-        self._taken_at: float | None = None
+        self._taken = False
 
     async def now_ms(self, redis: Redis) -> float:
-        """Redis's current time in milliseconds."""
-        mono = time.monotonic()
-        if self._taken_at is None or mono - self._taken_at > self.refresh:
-            readings = []
-            for _ in range(self.samples):
-                before = time.time()
-                seconds, micros = await redis.time()
-                readings.append((before, seconds + micros / 1e6, time.time()))
-            self._offset = clock_offset(readings)
-            self._taken_at = mono
+        """Redis's current time in milliseconds (``TIME`` is read only on first use)."""
+        if not self._taken:
+            await self.take_offset(redis)
         return (time.time() + self._offset) * 1000.0
+
+    async def take_offset(self, redis: Redis) -> None:
+        """Measure the offset now."""
+        readings = []
+        for _ in range(self.samples):
+            before = time.time()
+            seconds, micros = await redis.time()
+            readings.append((before, seconds + micros / 1e6, time.time()))
+        self._offset = clock_offset(readings)
+        self._taken = True
+
+    async def run(self, redis: Redis) -> None:
+        """Measure the offset again every ``refresh`` s until cancelled. A failed
+        measurement keeps the last offset (clocks drift by far less than a millisecond
+        in a minute) and is retried sooner, with a bounded backoff."""
+        backoff = Backoff(base=1.0, cap=self.refresh)
+        delay = self.refresh
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.take_offset(redis)
+                backoff.reset()
+                delay = self.refresh
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("redis clock not read; retrying", extra={"error": describe_error(exc)})
+                delay = backoff.next_delay()
 
 
 def clock_offset(readings: list[tuple[float, float, float]]) -> float:
