@@ -449,11 +449,20 @@ def chart(report: dict[str, Any], path: Path) -> None:
             )
         )
         width = 0.8 / len(pcts)
+        shown: list[float] = []
         for i, pct in enumerate(pcts):
             vals = [r["steps"][-1]["latency_ms"][kind][pct] or 0 for r in results]
-            ax1.bar([x + i * width for x in range(len(names))], vals, width, label=pct)
+            bars = ax1.bar([x + i * width for x in range(len(names))], vals, width, label=pct)
+            # The figures themselves: a log axis shows ratios well and values poorly.
+            ax1.bar_label(bars, labels=[f"{v:.3g}" if v else "" for v in vals], fontsize=6)
+            shown += vals
         ax1.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names)
         ax1.set_yscale("log")
+        floor = _log_floor(shown)
+        if floor is not None:
+            # Every bar from the same power of ten, below the smallest: on a log axis a
+            # bar's length means something only against a common base.
+            ax1.set_ylim(bottom=floor)
         ax1.set_xlabel(
             f"{kind} latency at {results[0]['steps'][-1]['offered_send_rate']:g} sends/s offered"
         )
@@ -478,6 +487,11 @@ def chart(report: dict[str, Any], path: Path) -> None:
     ax3.set_ylabel("cores")
     cpus = report.get("machine", {}).get("cpus")
     ax3.set_title(f"CPU ({cpus} cores in total)" if cpus else "CPU")
+    if cpus:
+        # From zero to every core: how much of the machine a run used, at a glance (an
+        # axis fitted to the data makes 0.3 -> 0.5 cores look like a climb to the top).
+        ax3.set_ylim(0, max(float(cpus), ax3.get_ylim()[1]) * 1.02)
+        ax3.axhline(float(cpus), color="grey", linestyle=":", linewidth=1)
     ax3.legend(fontsize=7)
     ax3.grid(True, alpha=0.3)
     ax1.set_ylabel("latency ms (log)")
@@ -496,6 +510,14 @@ def chart(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _log_floor(values: list[float]) -> float | None:
+    """The power of ten at or below the smallest positive value (None: there is none)."""
+    positive = [v for v in values if v > 0]
+    if not positive:
+        return None
+    return float(10 ** math.floor(math.log10(min(positive))))
 
 
 def _one_two_five(value: float, _position: object = None) -> str:

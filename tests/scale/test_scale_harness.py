@@ -193,6 +193,13 @@ def test_chart_latency_axis_reads_in_plain_milliseconds() -> None:
     assert labels == ["0.2", "", "0.5", "1", "", "20", "50", "", "100", ""]
 
 
+def test_chart_latency_bars_stand_on_a_power_of_ten_below_the_smallest() -> None:
+    assert reporting._log_floor([2.27, 3.56, 9.09]) == 1.0
+    assert reporting._log_floor([0.289, 184.0]) == pytest.approx(0.1)
+    assert reporting._log_floor([10.0, 0.0]) == 10.0  # a missing figure (0) is no bar
+    assert reporting._log_floor([0.0]) is None
+
+
 def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
     """A 2-second run on the in-memory peer: every process starts, verifies, stops."""
     report_dir, result = _short_chat_run(tmp_path, "aiohttp")
