@@ -25,7 +25,7 @@ import string
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -566,12 +566,11 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(
 # -- 3. Redis outage: readiness flips, reconnects are counted ------------------------
 
 
-async def test_stream_gauges_tell_backlog_from_pending(
-    settings: Settings, redis: Redis, cleanup: None
-) -> None:
-    """``stream_lag`` counts entries no worker has read yet, ``stream_pending`` those
-    read and not yet acknowledged: a worker that falls behind shows as lag."""
-    metrics = WorkerMetrics()
+@contextlib.asynccontextmanager
+async def _owning_consumer(
+    settings: Settings, redis: Redis, metrics: WorkerMetrics
+) -> AsyncIterator[tuple[Consumer, PartitionManager, Keys]]:
+    """A consumer whose worker holds every partition, with no read loop running."""
     keys = Keys(settings.redis_prefix)
     leases = PartitionManager(
         redis, keys, settings.node_id, settings.partitions, settings.lease_seconds, metrics
@@ -584,7 +583,20 @@ async def test_stream_gauges_tell_backlog_from_pending(
         batch=10, block_ms=100, backoff_cap=0.5, redis_url=settings.redis_url,
     )  # fmt: skip
     try:
-        await leases.tick()  # takes every partition; no read loop runs
+        await leases.tick()
+        yield consumer, leases, keys
+    finally:
+        await leases.release_all()
+        await client.close()
+
+
+async def test_stream_gauges_tell_backlog_from_pending(
+    settings: Settings, redis: Redis, cleanup: None
+) -> None:
+    """``stream_lag`` counts entries no worker has read yet, ``stream_pending`` those
+    read and not yet acknowledged: a worker that falls behind shows as lag."""
+    metrics = WorkerMetrics()
+    async with _owning_consumer(settings, redis, metrics) as (consumer, leases, keys):
         stream = keys.stream(1)
         await redis.xadd(stream, {"x": "1"})
 
@@ -618,9 +630,54 @@ async def test_stream_gauges_tell_backlog_from_pending(
         assert "1" not in Metrics.parse(generate_latest(metrics.registry).decode()).label_values(
             "chat_worker_stream_lag", "partition"
         )
-    finally:
-        await leases.release_all()
-        await client.close()
+
+
+async def test_trim_removes_only_what_every_worker_is_done_with(
+    settings: Settings, redis: Redis, cleanup: None
+) -> None:
+    """Acknowledged entries leave an owned stream; pending and unread ones stay, and a
+    stream the worker does not own is left alone."""
+    async with _owning_consumer(settings, redis, WorkerMetrics()) as (consumer, leases, keys):
+        stream = keys.stream(2)
+        await redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+        async with redis.pipeline(transaction=False) as pipe:
+            for n in range(1000):
+                pipe.xadd(stream, {"n": str(n)})
+            ids = await pipe.execute()
+        read = await redis.xreadgroup(CONSUMER_GROUP, "w", {stream: ">"}, count=800)
+        delivered = [i for i, _ in read[0][1]]
+        await redis.xack(stream, CONSUMER_GROUP, *delivered[:550])
+        removed = await consumer.trim_streams()
+        left = [i for i, _ in await redis.xrange(stream)]
+        # Pending (550-799) and unread (800-999) all stay; whole nodes of acked go (a
+        # node holds up to 100 entries at Redis's defaults).
+        assert left[-450:] == ids[550:]
+        assert removed == 1000 - len(left) and removed >= 400
+
+        # All read and acknowledged, trimmed in the background: what stays is the node
+        # of the last entry delivered.
+        await redis.xack(stream, CONSUMER_GROUP, *delivered[550:])
+        rest = await redis.xreadgroup(CONSUMER_GROUP, "w", {stream: ">"}, count=1000)
+        await redis.xack(stream, CONSUMER_GROUP, *[i for i, _ in rest[0][1]])
+        task = asyncio.create_task(consumer.run_trim(every=0.05))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await redis.xlen(stream) <= 100
+        assert (await redis.xrange(stream))[-1][0] == ids[-1]
+
+        # Another worker's partition: not this one's to trim.
+        await leases.release(2)
+        before = await redis.xlen(stream)
+        async with redis.pipeline(transaction=False) as pipe:
+            for n in range(300):
+                pipe.xadd(stream, {"n": str(n)})
+            await pipe.execute()
+        more = await redis.xreadgroup(CONSUMER_GROUP, "w", {stream: ">"}, count=300)
+        await redis.xack(stream, CONSUMER_GROUP, *[i for i, _ in more[0][1]])
+        assert await consumer.trim_streams() == 0
+        assert await redis.xlen(stream) == before + 300
 
 
 async def test_redis_outage_flips_readiness_and_counts_reconnects(

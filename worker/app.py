@@ -163,6 +163,7 @@ async def _consumer_ctx(app: web.Application) -> AsyncIterator[None]:
         "mongo_ping": asyncio.create_task(_ping_mongo(app), name="mongo-ping"),
         "auth_refresh": asyncio.create_task(auth.run_refresh(), name="auth-refresh"),
         "clock": asyncio.create_task(consumer.clock.run(redis), name="redis-clock"),
+        "trim": asyncio.create_task(consumer.run_trim(), name="stream-trim"),
         "control": asyncio.create_task(
             auth.run_control(
                 settings.redis_url, keys.control_channel, name=f"worker-control:{settings.node_id}"

@@ -46,6 +46,12 @@ READ_TIMEOUT = 5.0
 # Weight of the newest batch in the running average of the time per read.
 COST_SMOOTHING = 0.2
 
+# How often the entries every worker is done with are trimmed from the owned streams,
+# and at most how many XTRIM calls a stream gets per round (each removes at most
+# 100 nodes' worth with "~", 10,000 entries at Redis's defaults, so no call is long).
+TRIM_EVERY = 5.0
+TRIM_CALLS = 10
+
 
 class RedisClock:
     """Redis's clock, which stamps stream entry ids, estimated from the local one.
@@ -375,6 +381,63 @@ class Consumer:
                 self._redis_url, name=f"worker-out:{self.node_id}"
             )
         await asyncio.wait_for(self._out.execute(commands), PUBLISH_TIMEOUT)
+
+    async def trim_streams(self) -> int:
+        """Remove what every worker is done with from each owned partition's stream: the
+        entries older than the oldest pending one, or with none pending, than the last
+        one delivered. Returns how many were removed.
+
+        Without this an acknowledged entry stays until ``STREAM_MAXLEN`` pushes it out,
+        so Redis would hold that many entries per partition for good (~350 bytes each in
+        the chat workload). ``STREAM_MAXLEN`` remains the bound of a backlog that no
+        worker reads. Pending and unread entries are never removed, whoever owns the
+        partition: the group's state is read in one MULTI, and an entry only ever
+        becomes pending after it was delivered, with an id above the last delivered.
+        """
+        removed = 0
+        for partition in self.partitions.readable():
+            stream = self.keys.stream(partition)
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.xinfo_groups(stream)
+                    pipe.xpending(stream, CONSUMER_GROUP)
+                    groups, pending = await pipe.execute()
+            except ResponseError:
+                continue  # no stream or no group yet: nothing was read
+            ours = next((g for g in groups if _text(g.get("name")) == CONSUMER_GROUP), None)
+            if ours is None:
+                continue
+            if pending.get("pending"):
+                oldest = _text(pending["min"])
+            else:
+                oldest = _text(ours.get("last-delivered-id"))
+            if oldest == "0-0":
+                continue
+            for _ in range(TRIM_CALLS):
+                n = int(await self.redis.xtrim(stream, minid=oldest, approximate=True))
+                removed += n
+                if n == 0:
+                    break
+        return removed
+
+    async def run_trim(self, every: float = TRIM_EVERY) -> None:
+        """:meth:`trim_streams` every ``every`` s until cancelled; a failed round is
+        logged and the next one comes sooner, with a bounded backoff."""
+        backoff = Backoff(base=0.5, cap=every)
+        delay = every
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                removed = await self.trim_streams()
+                if removed:
+                    log.debug("streams trimmed", extra={"n": removed})
+                backoff.reset()
+                delay = every
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("stream trim failed; retrying", extra={"error": describe_error(exc)})
+                delay = backoff.next_delay()
 
     async def sample_streams(self) -> None:
         """Length, backlog (entries not yet read) and pending count (read, not yet
