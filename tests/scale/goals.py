@@ -87,7 +87,14 @@ def load_text(step: dict[str, Any], cpus: int) -> str:
     text = f"{head} (cores by process kind: {kinds}; other processes {cpu.get('other_cores')})"
     lag = step["latency_ms"]["send_lag"]["p99"]
     if lag is not None and lag > 5:
-        text += f"; the load generator itself ran late (send_lag p99 {lag:g} ms)"
+        text += f"; the load generator itself ran late (send_lag p99 {lag:g} ms"
+        pauses = step.get("loadgen_gc") or {}
+        if pauses.get("collections"):
+            text += (
+                f"; its longest collector pause {pauses['pause_ms_max']:g} ms,"
+                f" {pauses['pause_ms_total']:g} ms in all"
+            )
+        text += ")"
     return text
 
 

@@ -800,6 +800,13 @@ def run_step(
         name: merge_encoded([r["hist"].get(name, "") for r in results])
         for name in ("send_reply", "delivery", "history_reply", "join_reply", "send_lag")
     }
+    # The generators' own collector pauses in the window (older results have none).
+    pauses = [r["gc"] for r in results if r.get("gc")]
+    loadgen_gc = {
+        "collections": sum(p["collections"] for p in pauses),
+        "pause_ms_max": max((p["pause_ms_max"] for p in pauses), default=0.0),
+        "pause_ms_total": round(sum(p["pause_ms_total"] for p in pauses), 3),
+    }
     cpu_window = cpu_by_kind(s0, s1)
     cpu_total = cpu_by_kind(s0, s2)
     server_kinds = [k for k in cpu_window if k != "loadgen"]
@@ -891,6 +898,7 @@ def run_step(
             "rss_kb_per_connection_this_step": per_conn,
         },
         "cpu_timeline": samples,
+        "loadgen_gc": loadgen_gc,
         "server_time": server_time.window(totals0, totals1, duration, args.workers)
         if totals0 is not None and totals1 is not None
         else None,

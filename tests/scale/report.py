@@ -264,6 +264,14 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(
                     f"Unanswered at the end of the drain: {json.dumps(last['unanswered'])}"
                 )
+            pauses = last.get("loadgen_gc") or {}
+            if pauses.get("collections"):
+                lines.append(
+                    f"Load generator's collector in the window: {pauses['collections']} "
+                    f"collections, the longest {pauses['pause_ms_max']:g} ms, "
+                    f"{pauses['pause_ms_total']:g} ms in all (a pause delays its sends and "
+                    "reads, and shows as latency)"
+                )
             lines += [
                 "",
                 "CPU seconds in the measured window, by process kind: "

@@ -179,3 +179,19 @@ def test_a_latency_goal_not_met_says_what_a_request_costs_alone() -> None:
 
 def test_no_verdicts_without_ours() -> None:
     assert goals.evaluate("chat", {}, [_ours(_step(100), target="aiohttp")], 2, 1) == []
+
+
+def test_a_late_generator_says_how_long_its_own_collector_paused() -> None:
+    """A generator that ran late says how much of that was its own collector, when it
+    measured it (results from before the meter have no ``loadgen_gc``)."""
+    step = _step(3000)
+    step["latency_ms"]["send_lag"] = _lat(0.01, 304.4)
+    assert goals.load_text(step, 2).endswith(
+        "; the load generator itself ran late (send_lag p99 304.4 ms)"
+    )
+    step["loadgen_gc"] = {"collections": 12, "pause_ms_max": 420.5, "pause_ms_total": 1800.0}
+    assert goals.load_text(step, 2).endswith(
+        "(send_lag p99 304.4 ms; its longest collector pause 420.5 ms, 1800 ms in all)"
+    )
+    step["latency_ms"]["send_lag"] = _lat(0.01, 0.5)  # on time: nothing said
+    assert "ran late" not in goals.load_text(step, 2)

@@ -218,6 +218,8 @@ def test_harness_end_to_end_on_ours(tmp_path: Path) -> None:
     verified against MongoDB, and the servers' own account of where the time went."""
     report_dir, result = _short_chat_run(tmp_path, "ours")
     step = result["steps"][0]
+    # The generator's collector pauses in the window are measured (maybe none).
+    assert set(step["loadgen_gc"]) == {"collections", "pause_ms_max", "pause_ms_total"}
     assert step["verification"]["passed"]
     assert step["verification"]["stored"] == step["counts"]["acked"] == step["counts"]["sent"] > 0
     times = step["server_time"]
