@@ -105,6 +105,21 @@ def summarize(hist: HdrHistogram) -> dict[str, Any]:
     return out
 
 
+def slowest_seconds(
+    timelines: list[dict[str, dict[str, int]]], duration: float, n: int = 5
+) -> list[dict[str, float]]:
+    """The ``n`` seconds of the window whose slowest delivery was slowest, over every
+    generator's timeline (``{second: {"delivery_max_us": ...}}``), slowest first."""
+    worst: dict[int, int] = {}
+    for timeline in timelines:
+        for key, bucket in timeline.items():
+            second, micros = int(key), bucket.get("delivery_max_us", 0)
+            if 0 <= second < duration and micros > worst.get(second, 0):
+                worst[second] = micros
+    ranked = sorted(worst.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    return [{"second": second, "max_ms": micros / 1000} for second, micros in ranked]
+
+
 def raise_nofile() -> tuple[int, int]:
     """Raise RLIMIT_NOFILE's soft limit to the hard limit; return the new limits."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

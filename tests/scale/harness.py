@@ -36,7 +36,14 @@ from typing import Any
 from tests.scale import probe as probing
 from tests.scale import report as reporting
 from tests.scale import server_time
-from tests.scale.common import fd_limit, merge_encoded, raise_nofile, summarize, with_query
+from tests.scale.common import (
+    fd_limit,
+    merge_encoded,
+    raise_nofile,
+    slowest_seconds,
+    summarize,
+    with_query,
+)
 from tests.scale.goals import FD_RESERVE, step_ok
 from tests.scale.procs import ROOT, Proc, Supervisor, machine_busy_seconds
 from tests.scale.verify import verify
@@ -899,6 +906,7 @@ def run_step(
         },
         "cpu_timeline": samples,
         "loadgen_gc": loadgen_gc,
+        "slowest_seconds": slowest_seconds([r.get("timeline", {}) for r in results], duration),
         "server_time": server_time.window(totals0, totals1, duration, args.workers)
         if totals0 is not None and totals1 is not None
         else None,

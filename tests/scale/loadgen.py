@@ -102,6 +102,8 @@ class Stats:
         # Counter per second) because this one is bumped tens of thousands of times a
         # second; merged into it by :meth:`settle`.
         self.delivery_seconds: defaultdict[int, int] = defaultdict(int)
+        # The slowest delivery of each second (µs): when in a long run the tail happened.
+        self.delivery_max: defaultdict[int, int] = defaultdict(int)
         self.counts: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         # Per-second counters of the measured window (index: whole seconds since GO).
@@ -126,7 +128,11 @@ class Stats:
             if bucket is None:
                 bucket = self.timeline[second] = Counter()
             bucket["deliveries"] += count
+        for second, micros in self.delivery_max.items():
+            bucket = self.timeline.setdefault(second, Counter())
+            bucket["delivery_max_us"] = max(bucket["delivery_max_us"], micros)
         self.delivery_seconds.clear()
+        self.delivery_max.clear()
 
 
 # --------------------------------------------------------------------------- adapters
@@ -346,10 +352,14 @@ class LoadGen:
                 stats.counts["push_unparsed"] += 1
                 continue
             sched, gid, k = parsed
-            stats.delivery.append((now - sched) // 1000)
+            micros = (now - sched) // 1000
+            stats.delivery.append(micros)
             counts["deliveries"] += 1
             if stats.start_ns:
-                stats.delivery_seconds[(now - stats.start_ns) // 1_000_000_000] += 1
+                second = (now - stats.start_ns) // 1_000_000_000
+                stats.delivery_seconds[second] += 1
+                if micros > stats.delivery_max[second]:
+                    stats.delivery_max[second] = micros
                 if now > stats.end_ns:
                     counts["deliveries_after_window"] += 1
             ids = client.recv_ids.get(chat)

@@ -264,6 +264,12 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(
                     f"Unanswered at the end of the drain: {json.dumps(last['unanswered'])}"
                 )
+            slowest = last.get("slowest_seconds") or []
+            if slowest:
+                lines.append(
+                    "Slowest seconds of the window (second since the start: its slowest "
+                    "delivery): " + ", ".join(f"{w['second']}: {w['max_ms']:g} ms" for w in slowest)
+                )
             pauses = last.get("loadgen_gc") or {}
             if pauses.get("collections"):
                 lines.append(

@@ -22,6 +22,7 @@ from tests.scale.common import (
     new_hist,
     parse_text,
     record,
+    slowest_seconds,
     split_key,
     summarize,
     with_query,
@@ -200,6 +201,20 @@ def test_chart_latency_bars_stand_on_a_power_of_ten_below_the_smallest() -> None
     assert reporting._log_floor([0.0]) is None
 
 
+def test_slowest_seconds_merge_the_generators_and_keep_to_the_window() -> None:
+    first = {"0": {"delivery_max_us": 2_000}, "1": {"delivery_max_us": 90_000, "deliveries": 5}}
+    second = {
+        "1": {"delivery_max_us": 120_500},
+        "2": {"deliveries": 3},
+        "3": {"delivery_max_us": 7},
+    }
+    assert slowest_seconds([first, second], duration=3.0, n=2) == [
+        {"second": 1, "max_ms": 120.5},  # the slower generator's figure for that second
+        {"second": 0, "max_ms": 2.0},
+    ]  # second 3 is after the window (the drain): left out
+    assert slowest_seconds([], duration=3.0) == []
+
+
 def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
     """A 2-second run on the in-memory peer: every process starts, verifies, stops."""
     report_dir, result = _short_chat_run(tmp_path, "aiohttp")
@@ -220,6 +235,11 @@ def test_harness_end_to_end_on_ours(tmp_path: Path) -> None:
     step = result["steps"][0]
     # The generator's collector pauses in the window are measured (maybe none).
     assert set(step["loadgen_gc"]) == {"collections", "pause_ms_max", "pause_ms_total"}
+    # When in the window the tail happened: the slowest seconds, slowest first.
+    slowest = [w["max_ms"] for w in step["slowest_seconds"]]
+    assert slowest and slowest == sorted(slowest, reverse=True)
+    delivery = step["latency_ms"]["delivery"]  # also counts the drain's deliveries
+    assert delivery["p50"] <= slowest[0] <= delivery["max"] * 1.01
     assert step["verification"]["passed"]
     assert step["verification"]["stored"] == step["counts"]["acked"] == step["counts"]["sent"] > 0
     times = step["server_time"]
