@@ -46,7 +46,7 @@ from shared import protocol
 from shared.codec import Revocation, token_digest
 from shared.config import ConfigError, Settings
 from shared.logs import JsonFormatter
-from tests.support import Seeder, Stack
+from tests.support import Client, Seeder, Stack
 from worker import admin
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -960,9 +960,20 @@ async def test_members_of_one_chat_never_see_another_chats_traffic(
     assert (await c.request("get_history", chat_a + " "))["type"] == "chat_not_exists"
 
 
-async def test_removed_member_stops_within_the_ttl_and_gets_no_more_pushes(
-    stack: Stack, seed: Seeder, settings: Settings
-) -> None:
+@dataclass
+class Pair:
+    """Alice and Bob in a chat of their own, on one worker and one gateway."""
+
+    alice: str
+    bob: str
+    chat: str
+    url: str
+    a: Client  # Alice's socket, not yet authorised for the chat
+    b: Client  # Bob's socket, authorised for the chat's pushes
+
+
+async def alice_and_bob(stack: Stack, seed: Seeder) -> Pair:
+    """A :class:`Pair` with its servers started."""
     alice, a_token = await seed.user("Alice")
     bob, b_token = await seed.user("Bob")
     chat = await seed.chat(alice, bob)
@@ -971,9 +982,17 @@ async def test_removed_member_stops_within_the_ttl_and_gets_no_more_pushes(
     a = await stack.client(url, a_token)
     b = await stack.client(url, b_token)
     await b.join(chat)
+    return Pair(alice, bob, chat, url, a, b)
+
+
+async def test_removed_member_stops_within_the_ttl_and_gets_no_more_pushes(
+    stack: Stack, seed: Seeder, settings: Settings
+) -> None:
+    pair = await alice_and_bob(stack, seed)
+    chat, a, b = pair.chat, pair.a, pair.b
     await a.send_text(chat, "hello bob")
     assert (await b.push())["messages"][0]["text"] == "hello bob"
-    await seed.store.chats.update_one({"_id": chat}, {"$pull": {"member_ids": bob}})
+    await seed.store.chats.update_one({"_id": chat}, {"$pull": {"member_ids": pair.bob}})
     deadline = time.monotonic() + settings.auth_cache_ttl + WAIT
     while (await b.request("get_history", chat))["type"] != "chat_not_exists":
         assert time.monotonic() < deadline, "removal not honoured"
@@ -1134,14 +1153,8 @@ async def test_a_retried_send_is_not_held_in_place_of_a_newer_push(
 ) -> None:
     """A retry's reply carries an old message while the grant's head is the chat's last
     id. Holding the reply for the head's place would send it instead of that push."""
-    alice, a_token = await seed.user("Alice")
-    bob, b_token = await seed.user("Bob")
-    chat = await seed.chat(alice, bob)
-    await stack.worker()
-    url = await stack.gateway()
-    a = await stack.client(url, a_token)
-    b = await stack.client(url, b_token)
-    await b.join(chat)
+    pair = await alice_and_bob(stack, seed)
+    alice, chat, url, a, b = pair.alice, pair.chat, pair.url, pair.a, pair.b
     assert (await a.send_text(chat, "first", client_msg_id="k1"))["messages"][0]["id"] == "1"
     await b.send_text(chat, "second")
     assert (await a.push())["messages"][0]["id"] == "2"
