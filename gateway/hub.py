@@ -337,6 +337,7 @@ class Hub:
         # before it were published ahead of this reply, so normally it is the next id;
         # if not, pushes were lost (a pub/sub outage): hold the reply back, fill the gap,
         # and send the reply in its place in id order (it then stands for the push too).
+        # A retry's message is older than the socket's last id, and its reply goes now.
         own = grant.carries
         if own == state.last_seq + 1:
             state.hold(own, frame)
