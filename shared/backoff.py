@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+from collections.abc import Awaitable, Callable
+
+from shared.logs import describe_error
 
 
 class Backoff:
@@ -28,3 +32,31 @@ class Backoff:
     def reset(self) -> None:
         """Start again from the base delay after a success."""
         self.attempt = 0
+
+
+async def run_every(
+    interval: float,
+    job: Callable[[], Awaitable[object]],
+    log: logging.Logger,
+    failed: str,
+    *,
+    base: float = 0.5,
+) -> None:
+    """Await ``job()`` every ``interval`` s until cancelled.
+
+    A failure is logged as a warning (``failed``, with the error) and the job is tried
+    again sooner: after a backoff from ``base`` up to ``interval``, reset by a success.
+    """
+    backoff = Backoff(base=base, cap=interval)
+    delay = interval
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            await job()
+            backoff.reset()
+            delay = interval
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(failed, extra={"error": describe_error(exc)})
+            delay = backoff.next_delay()

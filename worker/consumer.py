@@ -18,7 +18,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from shared.backoff import Backoff
+from shared.backoff import Backoff, run_every
 from shared.codec import STREAM_FIELD, decode_stream_entry, encode_push, encode_reply_envelope
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.logs import describe_error
@@ -89,19 +89,13 @@ class RedisClock:
         """Measure the offset again every ``refresh`` s until cancelled. A failed
         measurement keeps the last offset (clocks drift by far less than a millisecond
         in a minute) and is retried sooner, with a bounded backoff."""
-        backoff = Backoff(base=1.0, cap=self.refresh)
-        delay = self.refresh
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await self.take_offset(redis)
-                backoff.reset()
-                delay = self.refresh
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("redis clock not read; retrying", extra={"error": describe_error(exc)})
-                delay = backoff.next_delay()
+        await run_every(
+            self.refresh,
+            lambda: self.take_offset(redis),
+            log,
+            "redis clock not read; retrying",
+            base=1.0,
+        )
 
 
 def clock_offset(readings: list[tuple[float, float, float]]) -> float:
@@ -418,26 +412,14 @@ class Consumer:
                 removed += n
                 if n == 0:
                     break
+        if removed:
+            log.debug("streams trimmed", extra={"n": removed})
         return removed
 
     async def run_trim(self, every: float = TRIM_EVERY) -> None:
         """:meth:`trim_streams` every ``every`` s until cancelled; a failed round is
         logged and the next one comes sooner, with a bounded backoff."""
-        backoff = Backoff(base=0.5, cap=every)
-        delay = every
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                removed = await self.trim_streams()
-                if removed:
-                    log.debug("streams trimmed", extra={"n": removed})
-                backoff.reset()
-                delay = every
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("stream trim failed; retrying", extra={"error": describe_error(exc)})
-                delay = backoff.next_delay()
+        await run_every(every, self.trim_streams, log, "stream trim failed; retrying")
 
     async def sample_streams(self) -> None:
         """Length, backlog (entries not yet read) and pending count (read, not yet
