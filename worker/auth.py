@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from shared.backoff import Backoff
+from shared.backoff import Backoff, run_every
 from shared.codec import ControlMessage, Revocation, decode_control
 from shared.logs import describe_error
 from shared.metrics import WorkerMetrics
@@ -136,19 +136,16 @@ class Authenticator:
 
     async def run_refresh(self) -> None:
         """Every quarter TTL, read again the entries in use that expire within half a
-        TTL, until cancelled: a key in steady use is never missed inside a batch."""
-        backoff = Backoff(cap=self.ttl)
-        while True:
-            await asyncio.sleep(self.ttl / 4)
-            try:
-                await self.refresh(within=self.ttl / 2)
-                backoff.reset()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Nothing is lost: the entries expire and batches load them as misses.
-                log.warning("auth cache refresh failed", extra={"error": describe_error(exc)})
-                await backoff.sleep()
+        TTL, until cancelled: a key in steady use is never missed inside a batch. A failed
+        round is retried sooner, with a bounded backoff; meanwhile nothing is lost: the
+        entries expire and batches load them as misses."""
+        await run_every(
+            self.ttl / 4,
+            lambda: self.refresh(within=self.ttl / 2),
+            log,
+            "auth cache refresh failed",
+            base=0.05,
+        )
 
     def forget(self, message: ControlMessage) -> None:
         """Drop what a control message makes stale: the chat's members, the tokens."""
