@@ -398,7 +398,7 @@ class Consumer:
                     groups, pending = await pipe.execute()
             except ResponseError:
                 continue  # no stream or no group yet: nothing was read
-            ours = next((g for g in groups if _text(g.get("name")) == CONSUMER_GROUP), None)
+            ours = _workers_group(groups)
             if ours is None:
                 continue
             if pending.get("pending"):
@@ -439,7 +439,7 @@ class Consumer:
                 groups: Any = await self.redis.xinfo_groups(stream)
             except ResponseError:
                 continue  # no stream yet
-            ours = next((g for g in groups if _text(g.get("name")) == CONSUMER_GROUP), None)
+            ours = _workers_group(groups)
             # Without the group nothing has been read yet. Redis (7.0+) cannot tell the
             # lag in some cases (entries deleted with XDEL, a group moved to an arbitrary
             # id): then the series is left out rather than guessed.
@@ -462,6 +462,11 @@ def _is_mongo_up(exc: Exception) -> bool:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _workers_group(groups: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The workers' consumer group among a stream's ``XINFO GROUPS`` (None: not created)."""
+    return next((g for g in groups if _text(g.get("name")) == CONSUMER_GROUP), None)
 
 
 def _field(fields: list[bytes] | None, name: bytes) -> bytes | None:
