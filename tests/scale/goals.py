@@ -22,6 +22,11 @@ NOT_MET = "not met"
 NOT_TESTED = "not tested"
 BLOCKED = "blocked by the machine"
 
+# Targets that are not alternatives a user would pick but ours' own hops without its
+# features (tests/scale/peers/chain_peer.py): run only when named in --targets, shown
+# beside ours, and never the "best peer" of a goal.
+FLOORS = ("chain",)
+
 CHAT_RATE = 6000.0  # stored and delivered sends/s, sustained
 CHAT_P99_MS = 50.0
 CHAT_HALF_RATE = CHAT_RATE / 2
@@ -286,7 +291,7 @@ def _rooms(
         f"rooms: >= {ROOMS_PEER_FACTOR:g}x the best peer's sustainable deliveries/s, "
         "at equal or lower p99 at equal load"
     )
-    peers = [r for r in results if r["target"] != "ours" and r.get("steps")]
+    peers = [r for r in results if r["target"] not in ("ours", *FLOORS) and r.get("steps")]
     if not peers:
         out.append(
             _verdict(

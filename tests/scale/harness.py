@@ -44,7 +44,7 @@ from tests.scale.common import (
     summarize,
     with_query,
 )
-from tests.scale.goals import FD_RESERVE, step_ok
+from tests.scale.goals import FD_RESERVE, FLOORS, step_ok
 from tests.scale.procs import ROOT, Proc, Supervisor, machine_busy_seconds
 from tests.scale.verify import verify
 from tests.scale.workloads import (
@@ -57,11 +57,19 @@ from tests.scale.workloads import (
     with_rate,
 )
 
-TARGETS = ("ours", "socketio", "channels", "aiohttp")
-PEERS = ("socketio", "channels", "aiohttp")
+PEERS = ("socketio", "channels", "aiohttp")  # --peers runs these; a floor only when named
+TARGETS = ("ours", *PEERS, *FLOORS)
 # What each target needs and how its load generator speaks to it.
-ADAPTER = {"ours": "ours", "socketio": "socketio", "channels": "plainws", "aiohttp": "plainws"}
-NEEDS_REDIS = {"ours": True, "socketio": True, "channels": True, "aiohttp": False}
+ADAPTER = {
+    "ours": "ours",
+    "socketio": "socketio",
+    "channels": "plainws",
+    "aiohttp": "plainws",
+    "chain": "plainws",
+}
+NEEDS_REDIS = {"ours": True, "socketio": True, "channels": True, "aiohttp": False, "chain": True}
+# Targets that store what they are sent, and so get the shipped Redis (AOF) and a mongod.
+STORES = ("ours", "chain")
 PYTHON = sys.executable
 
 
@@ -256,18 +264,21 @@ class Target:
             # The gateway's Redis is configured as shipped (AOF, fsync every second); the
             # peers persist nothing, so theirs runs without AOF.
             redis = redis_server(
-                free_port(), self.data_dir / "redis", appendonly=self.name == "ours"
+                free_port(), self.data_dir / "redis", appendonly=self.name in STORES
             ).start()
             assert redis.process is not None
             self.sup.adopt("redis", "redis", redis.process, redis.log_path)
             self.redis_url = redis.url
-        if self.name == "ours":
+        if self.name in STORES:
             mongo = mongo_server(free_port(), self.data_dir / "mongo").start(timeout=60)
             assert mongo.process is not None
             self.sup.adopt("mongod", "mongod", mongo.process, mongo.log_path)
             self.mongo_url = mongo.url
+        if self.name == "ours":
             self.seed_mongo(scenario)
             self.start_ours()
+        elif self.name == "chain":
+            self.start_chain()
         elif self.name == "socketio":
             self.start_socketio()
         elif self.name == "channels":
@@ -319,6 +330,38 @@ class Target:
                 raise SetupFailed(f"{proc.name} exited; its log:\n{tail(proc.log_path)}")
         wait_balanced(workers, args.partitions, timeout=15)
         self.urls = ws_urls(gateways)
+
+    def start_chain(self) -> None:
+        from deploy.local.servers import free_port
+
+        args = self.args
+        base = {
+            "REDIS_URL": self.redis_url,
+            "MONGO_URL": with_query(self.mongo_url, args.mongo_options),
+            "PARTITIONS": str(args.partitions),
+            "HOST": "127.0.0.1",
+        }
+        # One worker whatever --workers says: it counts each chat's ids in its memory.
+        self.sup.spawn(
+            "worker-0", "worker", [PYTHON, "-m", "tests.scale.peers.chain_peer"],
+            dict(base, ROLE="worker"),
+        )  # fmt: skip
+        procs = []
+        for i in range(args.gateways):
+            port = free_port()
+            env = dict(base, ROLE="gateway", PORT=str(port), NODE_ID=f"chain-gw-{i}")
+            proc = self.sup.spawn(
+                f"gateway-{i}", "gateway", [PYTHON, "-m", "tests.scale.peers.chain_peer"], env
+            )
+            proc.extra["port"] = port
+            procs.append(proc)
+        wait_ready(procs, lambda p: readyz(p) == 200, "chain gateway", args.ready_timeout)
+        self.urls = ws_urls(procs)
+        self.notes.append(
+            "ours' hops without its features: gateways XADD through ours' producer, one "
+            "worker stores each batch with ours' indexes and write concern and PUBLISHes; "
+            "no tokens, membership, grants, retries, limits or metrics"
+        )
 
     def start_socketio(self) -> None:
         from deploy.local.servers import free_port
@@ -1093,7 +1136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--targets",
         default="",
-        help="comma list from ours,socketio,channels,aiohttp (overrides --peers)",
+        help="comma list from ours,socketio,channels,aiohttp,chain (overrides --peers; chain, ours without its features, runs only when named)",
     )
     p.add_argument(
         "--duration",
