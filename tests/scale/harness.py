@@ -829,9 +829,10 @@ def run_step(
 
     # Verification.
     stored = None
-    if target.name == "ours":
+    if target.name in STORES:
         time.sleep(0.5)
         stored = target.stored_messages(tag, list(scenario.chats))
+    if target.name == "ours":
         target.scrape_metrics(step_dir)
     verification = verify(results, stored)
 

@@ -156,6 +156,14 @@ def build(
         "notes": [
             "Peers persist nothing, assign no durable ids and check no token; the gateway "
             "authenticates every request, stores every message in MongoDB and assigns per-chat ids.",
+            *(
+                [
+                    "chain is not a peer but ours' hops without its features: it stores every "
+                    "message as ours does (checked in its MongoDB) and checks no token."
+                ]
+                if "chain" in targets
+                else []
+            ),
             write_concern_note(getattr(args, "mongo_options", "")),
             "Open loop: latency is measured from each send's scheduled time (no coordinated omission); "
             "send_lag is how late the load generator itself was.",

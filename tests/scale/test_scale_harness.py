@@ -271,6 +271,20 @@ def test_harness_end_to_end_on_ours(tmp_path: Path) -> None:
     assert "ours: one request at a time, 2 ms apart, p50 ms: gateway " in result["terminal"]
 
 
+def test_harness_end_to_end_on_the_chain_floor(tmp_path: Path) -> None:
+    """ours' hops without its features: its own Redis, MongoDB, gateways and worker;
+    every send stored once (checked in its MongoDB), acknowledged and delivered."""
+    report_dir, result = _short_chat_run(tmp_path, "chain")
+    step = result["steps"][0]
+    assert "probe" not in result and not step.get("server_time")  # it has no /metrics
+    verification = step["verification"]
+    assert verification["passed"] and verification["storage_checked"]
+    assert verification["stored"] == step["counts"]["acked"] == step["counts"]["sent"] > 0
+    assert verification["delivered"] == verification["expected_deliveries"] > 0
+    assert {"gateway", "worker", "redis", "mongod"} <= set(step["cpu_s_window"])
+    assert "ours' hops without its features" in (report_dir / "report.md").read_text()
+
+
 def test_a_report_says_when_it_measured_uncommitted_code(tmp_path: Path) -> None:
     """The commit, and whether tracked files differed from it (untracked ones do not:
     reports and data folders are ignored or new)."""
