@@ -182,7 +182,10 @@ def _throughput(
 
 
 def _chat(
-    steps: list[dict[str, Any]], cpus: int, alone: dict[str, Any] | None = None
+    steps: list[dict[str, Any]],
+    cpus: int,
+    alone: dict[str, Any] | None = None,
+    floors: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, str]]:
     out = []
     goal = f"chat: >= {CHAT_RATE:,.0f} sends/s stored and delivered, p99 <= {CHAT_P99_MS:g} ms, no loss"
@@ -214,19 +217,32 @@ def _chat(
         )
     else:
         step = at[0]
-        out.append(
-            _latency(
-                goal,
-                step,
-                "delivery",
-                CHAT_HALF_P50_MS,
-                CHAT_HALF_P99_MS,
-                cpus,
-                "send_message",
-                alone,
-            )
+        verdict = _latency(
+            goal, step, "delivery", CHAT_HALF_P50_MS, CHAT_HALF_P99_MS, cpus, "send_message", alone
         )
+        if verdict["status"] == NOT_MET:
+            for clause in _floor_texts(floors or [], CHAT_HALF_RATE):
+                verdict["bound"] += "; " + clause
+        out.append(verdict)
     return out
+
+
+def _floor_texts(floors: list[dict[str, Any]], rate: float) -> list[str]:
+    """What a floor target (ours' hops without its features) measured at ``rate`` in the
+    same run: the part of a latency that the hops themselves take on this machine."""
+    texts = []
+    for result in floors:
+        for step in result.get("steps") or []:
+            if not _near(step["offered_send_rate"], rate) or not step["passed"]:
+                continue
+            lat = step["latency_ms"]["delivery"]
+            texts.append(
+                f"{result['target']} (the same hops without ours' features) in this run: "
+                f"delivery p50 {lat['p50']:g} ms, p99 {lat['p99']:g} ms on "
+                f"{step['cpu']['server_cores']:g} server cores"
+            )
+            break
+    return texts
 
 
 def _latency(
@@ -446,7 +462,8 @@ def evaluate(
         return []
     steps = ours["steps"]
     if base_workload == "chat":
-        return _chat(steps, cpus, ours.get("probe"))
+        floors = [r for r in results if r["target"] in FLOORS]
+        return _chat(steps, cpus, ours.get("probe"), floors)
     if base_workload == "rooms":
         return _rooms(steps, results, float(params.get("slo_p99_ms") or CHAT_P99_MS), cpus)
     if base_workload == "idle":

@@ -177,6 +177,34 @@ def test_a_latency_goal_not_met_says_what_a_request_costs_alone() -> None:
     )
 
 
+def test_a_chat_median_not_met_names_what_the_floor_took_at_that_rate() -> None:
+    """With the chain target in the run, the bound of the chat latency goal says what the
+    same hops took without ours' features, at the goal's rate only."""
+    ours = _ours(_step(3000, p50=5.3, p99=14.0, cores=(1.37, 0.35)))
+    floor = _ours(_step(1500, p50=1.9), _step(3000, p50=2.8, p99=8.5, cores=(1.26, 0.35)))
+    half = _by_goal(
+        goals.evaluate("chat", {}, [ours, {**floor, "target": "chain"}], 2, 1), "chat at"
+    )
+    assert half["status"] == goals.NOT_MET
+    assert half["bound"].endswith(
+        "; chain (the same hops without ours' features) in this run: delivery p50 2.8 ms, "
+        "p99 8.5 ms on 1.26 server cores"
+    )
+    # A floor that failed its run, or none: nothing is said of it.
+    failed = {**_ours(_step(3000, p50=2.8, passed=False)), "target": "chain"}
+    for others in ([], [failed]):
+        verdict = _by_goal(goals.evaluate("chat", {}, [ours, *others], 2, 1), "chat at")
+        assert "without ours' features" not in verdict["bound"]
+    # The goal met: no bound to explain.
+    met = _by_goal(
+        goals.evaluate(
+            "chat", {}, [_ours(_step(3000, p50=2.0)), {**floor, "target": "chain"}], 2, 1
+        ),
+        "chat at",
+    )
+    assert met["status"] == goals.MET
+
+
 def test_no_verdicts_without_ours() -> None:
     assert goals.evaluate("chat", {}, [_ours(_step(100), target="aiohttp")], 2, 1) == []
 
