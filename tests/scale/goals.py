@@ -199,6 +199,16 @@ def _chat(
         to_test="--workload sweep --sweep-rates "
         f"{CHAT_HALF_RATE:.0f},{(CHAT_HALF_RATE + CHAT_RATE) / 2:.0f},{CHAT_RATE:.0f}",
     )
+    if verdict["status"] == NOT_MET:
+        for result in floors or []:
+            best, _, _ = _sustained(result.get("steps") or [], CHAT_P99_MS, "acked_per_s")
+            if best is not None:
+                lat = best["latency_ms"]["delivery"]
+                verdict["bound"] += (
+                    f"; {result['target']} (the same hops without ours' features) in this "
+                    f"run: {best['achieved']['acked_per_s']:,.0f} sends/s sustained (delivery "
+                    f"p99 {lat['p99']:g} ms)"
+                )
     out.append(verdict)
 
     goal = (
