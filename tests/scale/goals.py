@@ -237,18 +237,22 @@ def _chat(
     return out
 
 
-def _floor_texts(floors: list[dict[str, Any]], rate: float) -> list[str]:
-    """What a floor target (ours' hops without its features) measured at ``rate`` in the
-    same run: the part of a latency that the hops themselves take on this machine."""
+def _floor_texts(
+    floors: list[dict[str, Any]], rate: float, kind: str = "delivery", at: str = "send"
+) -> list[str]:
+    """What a floor target (ours' hops without its features) measured at ``rate`` (of
+    ``at``: "send" or "history") in the same run: the part of a latency (``kind``) that
+    the hops themselves take on this machine."""
     texts = []
     for result in floors:
         for step in result.get("steps") or []:
-            if not _near(step["offered_send_rate"], rate) or not step["passed"]:
+            if not _near(step[f"offered_{at}_rate"], rate) or not step["passed"]:
                 continue
-            lat = step["latency_ms"]["delivery"]
+            lat = step["latency_ms"][kind]
+            name = "delivery" if kind == "delivery" else "get_history"
             texts.append(
                 f"{result['target']} (the same hops without ours' features) in this run: "
-                f"delivery p50 {lat['p50']:g} ms, p99 {lat['p99']:g} ms on "
+                f"{name} p50 {lat['p50']:g} ms, p99 {lat['p99']:g} ms on "
                 f"{step['cpu']['server_cores']:g} server cores"
             )
             break
@@ -435,7 +439,11 @@ def _idle(step: dict[str, Any], gateways: int, cpus: int, max_fds: int) -> list[
 
 
 def _history(
-    step: dict[str, Any], params: dict[str, Any], cpus: int, alone: dict[str, Any] | None = None
+    step: dict[str, Any],
+    params: dict[str, Any],
+    cpus: int,
+    alone: dict[str, Any] | None = None,
+    floors: list[dict[str, Any]] | None = None,
 ) -> dict[str, str]:
     goal = (
         f"history: p50 <= {HISTORY_P50_MS:g} ms, p99 <= {HISTORY_P99_MS:g} ms at "
@@ -451,9 +459,13 @@ def _history(
             f"{step['offered_send_rate']:g} writes/s",
             bound=f"to test: {REPEAT} --workload history (its defaults are the goal's)",
         )
-    return _latency(
+    verdict = _latency(
         goal, step, "history_reply", HISTORY_P50_MS, HISTORY_P99_MS, cpus, "get_history", alone
     )
+    if verdict["status"] == NOT_MET:
+        for clause in _floor_texts(floors or [], HISTORY_RATE, "history_reply", "history"):
+            verdict["bound"] += "; " + clause
+    return verdict
 
 
 def evaluate(
@@ -471,13 +483,13 @@ def evaluate(
     if ours is None:
         return []
     steps = ours["steps"]
+    floors = [r for r in results if r["target"] in FLOORS]
     if base_workload == "chat":
-        floors = [r for r in results if r["target"] in FLOORS]
         return _chat(steps, cpus, ours.get("probe"), floors)
     if base_workload == "rooms":
         return _rooms(steps, results, float(params.get("slo_p99_ms") or CHAT_P99_MS), cpus)
     if base_workload == "idle":
         return _idle(steps[-1], int(params.get("gateways") or 1), cpus, max_fds)
     if base_workload == "history":
-        return [_history(steps[-1], params, cpus, ours.get("probe"))]
+        return [_history(steps[-1], params, cpus, ours.get("probe"), floors)]
     return []

@@ -274,8 +274,9 @@ class Target:
             assert mongo.process is not None
             self.sup.adopt("mongod", "mongod", mongo.process, mongo.log_path)
             self.mongo_url = mongo.url
-        if self.name == "ours":
+        if self.name in STORES:
             self.seed_mongo(scenario)
+        if self.name == "ours":
             self.start_ours()
         elif self.name == "chain":
             self.start_chain()
@@ -502,7 +503,7 @@ class Target:
         finally:
             client.close()
         say(
-            f"ours: created {len(scenario.clients)} users/tokens, {len(scenario.chats)} chats"
+            f"{self.name}: created {len(scenario.clients)} users/tokens, {len(scenario.chats)} chats"
             + (f", prefilled {sum(scenario.prefill.values())} messages" if scenario.prefill else "")
             + f" in {time.monotonic() - t0:.1f}s"
         )
@@ -1292,10 +1293,10 @@ def main(argv: list[str] | None = None) -> int:
     targets = choose_targets(args)
     workload = args.sweep_of if args.workload == "sweep" else args.workload
     if args.workload == "history":
-        skipped = [t for t in targets if t != "ours"]
+        skipped = [t for t in targets if t not in STORES]
         if skipped:
             say(f"history: peers store nothing, skipping {skipped}")
-        targets = [t for t in targets if t == "ours"]
+        targets = [t for t in targets if t in STORES]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     report_dir = Path(args.out) / f"{stamp}-{args.workload}"
     report_dir.mkdir(parents=True, exist_ok=True)

@@ -285,6 +285,26 @@ def test_harness_end_to_end_on_the_chain_floor(tmp_path: Path) -> None:
     assert "ours' hops without its features" in (report_dir / "report.md").read_text()
 
 
+def test_the_chain_floor_reads_history_pages_through_its_worker(tmp_path: Path) -> None:
+    """get_history on the floor makes ours' trip too: every page the right 50 ids of the
+    prefilled chat, while sends are stored."""
+    cmd = [
+        sys.executable, "-m", "tests.scale.harness", "--targets", "chain",
+        "--workload", "history", "--history-prefill", "300", "--history-readers", "4",
+        "--history-rate", "40", "--history-writers", "10", "--rate", "10",
+        "--duration", "2", "--drain", "3", "--quiet-wait", "0", "--out", str(tmp_path),
+        "--data-dir", str(tmp_path / "data"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("-history")]
+    step = json.loads((report_dir / "report.json").read_text())["results"][0]["steps"][0]
+    assert step["counts"]["history_ok"] == step["counts"]["history_sent"] > 0
+    verification = step["verification"]
+    assert verification["passed"] and verification["history_wrong_page"] == 0
+    assert verification["stored"] == step["counts"]["acked"] > 0
+
+
 def test_a_report_says_when_it_measured_uncommitted_code(tmp_path: Path) -> None:
     """The commit, and whether tracked files differed from it (untracked ones do not:
     reports and data folders are ignored or new)."""

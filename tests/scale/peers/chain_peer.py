@@ -8,13 +8,17 @@ with ours' indexes and write concern (journaled) over ours' lean connection
 batch. Every gateway with a socket in the chat gets that frame: the sender's gateway
 writes the reply, and each gateway pushes to its other members.
 
+``get_history`` makes the same trip: the worker reads the page with ours' query over
+ours' lean connection and PUBLISHes the reply on the asking gateway's channel. The first
+request on a chat also subscribes the gateway to the chat's channel (before it is
+forwarded) and joins the socket to the chat.
+
 Left out is all that ours does beyond those hops: tokens, membership, grants and gap
-fill, idempotent retries, history, limits, metrics, the drain and fail-over. A send
-makes the same hops as in ours (gateway, Redis, worker, MongoDB, Redis, gateway), with
-one PUBLISH where ours makes two (the reply to the sender's node, the push to the chat).
-So under the same load, what this takes is the price of the hops, and what ours takes
-beyond it is the price of the rest. The first request on a chat (``get_history``)
-subscribes the gateway to the chat's channel and joins the socket, with an empty page.
+fill, idempotent retries, limits, metrics, the drain and fail-over. A send makes the
+same hops as in ours (gateway, Redis, worker, MongoDB, Redis, gateway), with one PUBLISH
+where ours makes two (the reply to the sender's node, the push to the chat). So under
+the same load, what this takes is the price of the hops, and what ours takes beyond it
+is the price of the rest.
 
 Run: ``ROLE=gateway|worker REDIS_URL=... MONGO_URL=... PORT=... PARTITIONS=16
 python -m tests.scale.peers.chain_peer`` (one worker: ids are counted in its memory).
@@ -56,6 +60,10 @@ def chat_channel(chat: str) -> str:
     return f"chain:c:{chat}"
 
 
+def node_channel(node: str) -> str:
+    return f"chain:g:{node}"
+
+
 def split_published(data: bytes) -> tuple[str, int, bytes, bytes]:
     """(node, request number, reply frame, push frame) of one published message."""
     head, mine, push = data.split(b"\n", 2)
@@ -91,28 +99,30 @@ class Gateway:
         self.sub: RespConnection | None = None
         self.subscribed: dict[str, asyncio.Future[None]] = {}
 
-    async def join(self, chat: str, transport: asyncio.Transport) -> None:
-        confirmed = self.subscribed.get(chat)
+    async def subscribe(self, channel: str) -> None:
+        confirmed = self.subscribed.get(channel)
         if confirmed is None:
             assert self.sub is not None
-            confirmed = self.subscribed[chat] = asyncio.get_running_loop().create_future()
-            self.sub.send(("SUBSCRIBE", chat_channel(chat)))
+            confirmed = self.subscribed[channel] = asyncio.get_running_loop().create_future()
+            self.sub.send(("SUBSCRIBE", channel))
         await confirmed
+
+    async def join(self, chat: str, transport: asyncio.Transport) -> None:
+        await self.subscribe(chat_channel(chat))
         self.rooms.setdefault(chat, set()).add(transport)
 
     def submit(self, transport: asyncio.Transport, req: dict[str, Any], chat: str) -> bool:
+        """Forward a send or a history read; False when the producer's buffer is full."""
         number = next(self.numbers)
         body = req.get("message") or {}
+        user = f"anon-{id(transport):x}"
+        if req["event_type"] == "send_message":
+            fields = [body.get("text"), body.get("client_msg_id")]
+        else:
+            before = body.get("before_id")
+            fields = [int(before) if before is not None else None, body.get("limit") or 50]
         payload = orjson.dumps(
-            [
-                self.node,
-                number,
-                req.get("request_id"),
-                chat,
-                body.get("text"),
-                body.get("client_msg_id"),
-                f"anon-{id(transport):x}",
-            ]
+            [req["event_type"], self.node, number, req.get("request_id"), chat, user, *fields]
         )
         if not self.producer.submit(STREAMS[partition_of(chat, PARTITIONS)], payload):
             return False
@@ -122,15 +132,25 @@ class Gateway:
     async def listen(self) -> None:
         assert self.sub is not None
         prefix = len("chain:c:")
+        mine = node_channel(self.node).encode()
         while True:
             for item in await self.sub.read_burst():
                 kind = item[0]
                 if kind == b"message":
-                    self.deliver(item[1][prefix:].decode(), item[2])
+                    if item[1] == mine:
+                        self.answer(item[2])
+                    else:
+                        self.deliver(item[1][prefix:].decode(), item[2])
                 elif kind == b"subscribe":
-                    confirmed = self.subscribed.get(item[1][prefix:].decode())
+                    confirmed = self.subscribed.get(item[1].decode())
                     if confirmed is not None and not confirmed.done():
                         confirmed.set_result(None)
+
+    def answer(self, data: bytes) -> None:
+        number, _, frame = data.partition(b"\n")
+        asker = self.pending.pop(int(number), None)
+        if asker is not None and not asker.is_closing():
+            asker.write(text_frame(frame))
 
     def deliver(self, chat: str, data: bytes) -> None:
         node, number, mine, push = split_published(data)
@@ -156,6 +176,7 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     gw.sub = await RespConnection.open(gw.redis_url, name=f"{gw.node}-sub")
     tasks = [asyncio.create_task(gw.producer.run()), asyncio.create_task(gw.listen())]
+    await gw.subscribe(node_channel(gw.node))
     settle_gc()
     yield
     for task in tasks:
@@ -185,12 +206,10 @@ async def ws_handler(request: web.Request) -> web.WebSocketResponse:
                 )
                 continue
             rid = req.get("request_id")
-            if event == "get_history":
-                if chat not in joined:
-                    await gw.join(chat, transport)
-                    joined.add(chat)
-                await ws.send_frame(orjson.dumps(reply(event, [], rid)), WSMsgType.TEXT)
-            elif event == "send_message" and chat in joined:
+            if event == "get_history" and chat not in joined:
+                await gw.join(chat, transport)
+                joined.add(chat)
+            if event in ("get_history", "send_message") and chat in joined:
                 if not gw.submit(transport, req, chat):
                     await ws.send_frame(
                         orjson.dumps(error("server_error", "busy", event, rid)), WSMsgType.TEXT
@@ -228,6 +247,81 @@ def decode_entry(fields: list[bytes]) -> list[Any]:
     raise ValueError("entry without a payload")
 
 
+class Batch:
+    """One batch's MongoDB work and what to PUBLISH after it, in stream order.
+
+    As in ours, consecutive reads run together, and a send is stored before any read
+    that follows it: a page never misses a message acknowledged before it was asked for.
+    """
+
+    def __init__(self, store: Store, last: dict[str, int]) -> None:
+        self.store = store
+        self.last = last
+        self.docs: list[dict[str, Any]] = []
+        self.reads: list[tuple[str, int, Any, str, str, int | None, int]] = []
+        self.publish: list[tuple[Any, ...]] = []
+
+    async def send(self, event_id: str, entry: list[Any]) -> None:
+        _, node, number, rid, chat, user, text, key = entry
+        await self.flush_reads()
+        if chat not in self.last:  # a chat that may have been written before this start
+            self.last[chat] = await self.store.last_seq(chat)
+        seq = self.last[chat] + 1
+        self.last[chat] = seq
+        doc: dict[str, Any] = {
+            "_id": event_id,
+            "chat_id": chat,
+            "seq": seq,
+            "user_id": user,
+            "username": user,
+            "avatar": None,
+            "type": "text",
+            "text": text,
+            "file_url": None,
+            "created_at": int(time.time()),
+        }
+        if key is not None:
+            doc["client_msg_id"] = key
+        self.docs.append(doc)
+        mine = orjson.dumps(reply("send_message", [message_view(doc, True)], rid))
+        push = orjson.dumps(reply("send_message", [message_view(doc, False)], None))
+        self.publish.append(
+            ("PUBLISH", chat_channel(chat), join_published(node, number, mine, push))
+        )
+
+    async def read(self, entry: list[Any]) -> None:
+        _, node, number, rid, chat, user, before, limit = entry
+        await self.flush_docs()
+        self.reads.append((node, number, rid, chat, user, before, limit))
+        self.publish.append(())  # its place in the order, filled by flush_reads
+
+    async def flush_docs(self) -> None:
+        if self.docs:
+            await self.store.insert_messages(self.docs)
+            self.docs = []
+
+    async def flush_reads(self) -> None:
+        if not self.reads:
+            return
+        reads, self.reads = self.reads, []
+        pages = await asyncio.gather(
+            *(
+                self.store.history(chat, limit=limit, before=before)
+                for _, _, _, chat, _, before, limit in reads
+            )
+        )
+        slots = [i for i, command in enumerate(self.publish) if not command]
+        for slot, (node, number, rid, _, user, _, _), page in zip(slots, reads, pages, strict=True):
+            views = [message_view(doc, doc["user_id"] == user) for doc in page]
+            frame = orjson.dumps(reply("get_history", views, rid))
+            self.publish[slot] = ("PUBLISH", node_channel(node), b"%d\n%s" % (number, frame))
+
+    async def finish(self) -> list[tuple[Any, ...]]:
+        await self.flush_docs()
+        await self.flush_reads()
+        return self.publish
+
+
 async def work(redis_url: str, mongo_url: str) -> None:
     """Read, store, publish, ack: one batch at a time, until cancelled."""
     read = await RespConnection.open(redis_url, name="chain-worker-read")
@@ -251,39 +345,19 @@ async def work(redis_url: str, mongo_url: str) -> None:
         streams = (await read.execute([command]))[0]
         if not streams:
             continue
-        docs: list[dict[str, Any]] = []
-        publish: list[tuple[Any, ...]] = []
+        batch = Batch(store, last)
         acks: list[tuple[Any, ...]] = []
-        now = int(time.time())
         for stream, entries in streams:
             partition = stream.rsplit(b":", 1)[1].decode()
             for entry_id, fields in entries:
-                node, number, rid, chat, text, key, user = decode_entry(fields)
-                seq = last.get(chat, 0) + 1
-                last[chat] = seq
-                doc: dict[str, Any] = {
-                    "_id": f"{partition}-{entry_id.decode()}",  # as ours' event ids
-                    "chat_id": chat,
-                    "seq": seq,
-                    "user_id": user,
-                    "username": user,
-                    "avatar": None,
-                    "type": "text",
-                    "text": text,
-                    "file_url": None,
-                    "created_at": now,
-                }
-                if key is not None:
-                    doc["client_msg_id"] = key
-                docs.append(doc)
-                mine = orjson.dumps(reply("send_message", [message_view(doc, True)], rid))
-                push = orjson.dumps(reply("send_message", [message_view(doc, False)], None))
-                publish.append(
-                    ("PUBLISH", chat_channel(chat), join_published(node, number, mine, push))
-                )
+                entry = decode_entry(fields)
+                if entry[0] == "send_message":
+                    # The event id as ours makes it: partition and entry id.
+                    await batch.send(f"{partition}-{entry_id.decode()}", entry)
+                else:
+                    await batch.read(entry)
             acks.append(("XACK", stream, GROUP, *(entry_id for entry_id, _ in entries)))
-        await store.insert_messages(docs)
-        await out.execute(publish + acks)
+        await out.execute([*await batch.finish(), *acks])
 
 
 async def worker_main() -> None:
