@@ -261,11 +261,30 @@ class Batch:
         self.reads: list[tuple[str, int, Any, str, str, int | None, int]] = []
         self.publish: list[tuple[Any, ...]] = []
 
-    async def send(self, event_id: str, entry: list[Any]) -> None:
-        _, node, number, rid, chat, user, text, key = entry
-        await self.flush_reads()
-        if chat not in self.last:  # a chat that may have been written before this start
+    async def counter(self, chat: str) -> None:
+        # As ours, a chat's last id is read once, by its first request (in the load's
+        # set-up, a join): it may have been written before this worker started.
+        if chat not in self.last:
             self.last[chat] = await self.store.last_seq(chat)
+
+    async def add(self, event_id: str, entry: list[Any]) -> None:
+        """Take one entry in stream order (awaiting only when MongoDB must be asked)."""
+        chat = entry[4]
+        if entry[0] == "send_message":
+            if self.reads:
+                await self.flush_reads()
+            if chat not in self.last:
+                await self.counter(chat)
+            self.send(event_id, entry)
+        else:
+            if self.docs:
+                await self.flush_docs()
+            if chat not in self.last:
+                await self.counter(chat)
+            self.read(entry)
+
+    def send(self, event_id: str, entry: list[Any]) -> None:
+        _, node, number, rid, chat, user, text, key = entry
         seq = self.last[chat] + 1
         self.last[chat] = seq
         doc: dict[str, Any] = {
@@ -289,9 +308,8 @@ class Batch:
             ("PUBLISH", chat_channel(chat), join_published(node, number, mine, push))
         )
 
-    async def read(self, entry: list[Any]) -> None:
+    def read(self, entry: list[Any]) -> None:
         _, node, number, rid, chat, user, before, limit = entry
-        await self.flush_docs()
         self.reads.append((node, number, rid, chat, user, before, limit))
         self.publish.append(())  # its place in the order, filled by flush_reads
 
@@ -350,12 +368,8 @@ async def work(redis_url: str, mongo_url: str) -> None:
         for stream, entries in streams:
             partition = stream.rsplit(b":", 1)[1].decode()
             for entry_id, fields in entries:
-                entry = decode_entry(fields)
-                if entry[0] == "send_message":
-                    # The event id as ours makes it: partition and entry id.
-                    await batch.send(f"{partition}-{entry_id.decode()}", entry)
-                else:
-                    await batch.read(entry)
+                # The event id as ours makes it: partition and entry id.
+                await batch.add(f"{partition}-{entry_id.decode()}", decode_entry(fields))
             acks.append(("XACK", stream, GROUP, *(entry_id for entry_id, _ in entries)))
         await out.execute([*await batch.finish(), *acks])
 
