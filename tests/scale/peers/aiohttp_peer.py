@@ -15,7 +15,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from tests.scale.peers import serve
-from tests.scale.peers.frames import error, message, reply
+from tests.scale.peers.frames import error, message, reply, requests
 
 ROOMS: dict[str, set[web.WebSocketResponse]] = {}
 SEQ: dict[str, int] = {}
@@ -27,18 +27,7 @@ async def ws_handler(request: web.Request) -> web.WebSocketResponse:
     joined: set[str] = set()
     user = f"anon-{id(ws):x}"
     try:
-        async for msg in ws:
-            if msg.type != WSMsgType.TEXT:
-                continue
-            try:
-                req = orjson.loads(msg.data)
-                event = req["event_type"]
-                chat = str(req["chat_id"])
-            except (ValueError, KeyError, TypeError):
-                await ws.send_frame(
-                    orjson.dumps(error("bad_request", "bad frame", None, None)), WSMsgType.TEXT
-                )
-                continue
+        async for req, event, chat in requests(ws):
             rid = req.get("request_id")
             if chat not in joined:
                 joined.add(chat)

@@ -46,7 +46,7 @@ from shared.protocol import message_view
 from shared.resp import RespConnection, RespError
 from shared.runtime import settle_gc
 from tests.scale.peers import serve
-from tests.scale.peers.frames import error, reply
+from tests.scale.peers.frames import error, reply, requests
 from worker.store import Store, client_options
 from worker.wire import WireClient
 
@@ -193,18 +193,7 @@ async def ws_handler(request: web.Request) -> web.WebSocketResponse:
     assert transport is not None
     joined: set[str] = set()
     try:
-        async for msg in ws:
-            if msg.type != WSMsgType.TEXT:
-                continue
-            try:
-                req = orjson.loads(msg.data)
-                event = req["event_type"]
-                chat = str(req["chat_id"])
-            except (ValueError, KeyError, TypeError):
-                await ws.send_frame(
-                    orjson.dumps(error("bad_request", "bad frame", None, None)), WSMsgType.TEXT
-                )
-                continue
+        async for req, event, chat in requests(ws):
             rid = req.get("request_id")
             if event == "get_history" and chat not in joined:
                 await gw.join(chat, transport)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import AsyncIterator
 from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
 
 
 def now_iso() -> str:
@@ -54,3 +58,21 @@ def message(req: dict[str, Any], chat_id: str, msg_id: str | None, user_id: str)
     if body.get("client_msg_id") is not None:
         out["client_msg_id"] = body["client_msg_id"]
     return out
+
+
+async def requests(ws: web.WebSocketResponse) -> AsyncIterator[tuple[dict[str, Any], str, str]]:
+    """Each text frame of ``ws`` as (request, event type, chat id); a frame that is not a
+    request gets a ``bad_request`` reply here and is skipped."""
+    async for msg in ws:
+        if msg.type != WSMsgType.TEXT:
+            continue
+        try:
+            req = orjson.loads(msg.data)
+            event = req["event_type"]
+            chat = str(req["chat_id"])
+        except (ValueError, KeyError, TypeError):
+            await ws.send_frame(
+                orjson.dumps(error("bad_request", "bad frame", None, None)), WSMsgType.TEXT
+            )
+            continue
+        yield req, event, chat
