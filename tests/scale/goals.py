@@ -205,9 +205,8 @@ def _chat(
             if best is not None:
                 lat = best["latency_ms"]["delivery"]
                 verdict["bound"] += (
-                    f"; {result['target']} (the same hops without ours' features) in this "
-                    f"run: {best['achieved']['acked_per_s']:,.0f} sends/s sustained (delivery "
-                    f"p99 {lat['p99']:g} ms)"
+                    f"; {_floor_said(result)} {best['achieved']['acked_per_s']:,.0f} sends/s "
+                    f"sustained (delivery p99 {lat['p99']:g} ms)"
                 )
     out.append(verdict)
 
@@ -251,12 +250,15 @@ def _floor_texts(
             lat = step["latency_ms"][kind]
             name = "delivery" if kind == "delivery" else "get_history"
             texts.append(
-                f"{result['target']} (the same hops without ours' features) in this run: "
-                f"{name} p50 {lat['p50']:g} ms, p99 {lat['p99']:g} ms on "
-                f"{step['cpu']['server_cores']:g} server cores"
+                f"{_floor_said(result)} {name} p50 {lat['p50']:g} ms, p99 {lat['p99']:g} ms "
+                f"on {step['cpu']['server_cores']:g} server cores"
             )
             break
     return texts
+
+
+def _floor_said(result: dict[str, Any]) -> str:
+    return f"{result['target']} (the same hops without ours' features) in this run:"
 
 
 def _latency(

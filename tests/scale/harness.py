@@ -274,7 +274,6 @@ class Target:
             assert mongo.process is not None
             self.sup.adopt("mongod", "mongod", mongo.process, mongo.log_path)
             self.mongo_url = mongo.url
-        if self.name in STORES:
             self.seed_mongo(scenario)
         if self.name == "ours":
             self.start_ours()

@@ -157,12 +157,10 @@ def build(
             "Peers persist nothing, assign no durable ids and check no token; the gateway "
             "authenticates every request, stores every message in MongoDB and assigns per-chat ids.",
             *(
-                [
-                    "chain is not a peer but ours' hops without its features: it stores every "
-                    "message as ours does (checked in its MongoDB) and checks no token."
-                ]
-                if "chain" in targets
-                else []
+                f"{name} is not a peer but ours' hops without its features: it stores every "
+                "message as ours does (checked in its MongoDB) and checks no token."
+                for name in targets
+                if name in goals.FLOORS
             ),
             write_concern_note(getattr(args, "mongo_options", "")),
             "Open loop: latency is measured from each send's scheduled time (no coordinated omission); "

@@ -247,14 +247,9 @@ class Batch:
         self.store = store
         self.last = last
         self.docs: list[dict[str, Any]] = []
-        self.reads: list[tuple[str, int, Any, str, str, int | None, int]] = []
+        # (place in ``publish``, node, request number, request id, chat, user, before, limit)
+        self.reads: list[tuple[int, str, int, Any, str, str, int | None, int]] = []
         self.publish: list[tuple[Any, ...]] = []
-
-    async def counter(self, chat: str) -> None:
-        # As ours, a chat's last id is read once, by its first request (in the load's
-        # set-up, a join): it may have been written before this worker started.
-        if chat not in self.last:
-            self.last[chat] = await self.store.last_seq(chat)
 
     async def add(self, event_id: str, entry: list[Any]) -> None:
         """Take one entry in stream order (awaiting only when MongoDB must be asked)."""
@@ -262,14 +257,15 @@ class Batch:
         if entry[0] == "send_message":
             if self.reads:
                 await self.flush_reads()
-            if chat not in self.last:
-                await self.counter(chat)
+        elif self.docs:
+            await self.flush_docs()
+        if chat not in self.last:
+            # As ours, a chat's last id is read once, by its first request (in the load's
+            # set-up, a join): it may have been written before this worker started.
+            self.last[chat] = await self.store.last_seq(chat)
+        if entry[0] == "send_message":
             self.send(event_id, entry)
         else:
-            if self.docs:
-                await self.flush_docs()
-            if chat not in self.last:
-                await self.counter(chat)
             self.read(entry)
 
     def send(self, event_id: str, entry: list[Any]) -> None:
@@ -299,7 +295,7 @@ class Batch:
 
     def read(self, entry: list[Any]) -> None:
         _, node, number, rid, chat, user, before, limit = entry
-        self.reads.append((node, number, rid, chat, user, before, limit))
+        self.reads.append((len(self.publish), node, number, rid, chat, user, before, limit))
         self.publish.append(())  # its place in the order, filled by flush_reads
 
     async def flush_docs(self) -> None:
@@ -314,11 +310,10 @@ class Batch:
         pages = await asyncio.gather(
             *(
                 self.store.history(chat, limit=limit, before=before)
-                for _, _, _, chat, _, before, limit in reads
+                for _, _, _, _, chat, _, before, limit in reads
             )
         )
-        slots = [i for i, command in enumerate(self.publish) if not command]
-        for slot, (node, number, rid, _, user, _, _), page in zip(slots, reads, pages, strict=True):
+        for (slot, node, number, rid, _, user, _, _), page in zip(reads, pages, strict=True):
             views = [message_view(doc, doc["user_id"] == user) for doc in page]
             frame = orjson.dumps(reply("get_history", views, rid))
             self.publish[slot] = ("PUBLISH", node_channel(node), b"%d\n%s" % (number, frame))
