@@ -16,6 +16,18 @@ import orjson
 STREAM_FIELD = b"d"
 
 
+def entry_payload(fields: list[bytes] | None) -> bytes | None:
+    """The payload (``STREAM_FIELD``) of a stream entry's flat [field, value, ...] list
+    (None: absent, or the entry was deleted while pending and Redis returned nil for its
+    fields)."""
+    if not fields:
+        return None
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == STREAM_FIELD:
+            return fields[i + 1]
+    return None
+
+
 def token_digest(token: str) -> str:
     """SHA-256 hex digest of a token: the only form a token is stored or sent in."""
     return hashlib.sha256(token.encode()).hexdigest()

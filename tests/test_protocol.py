@@ -25,6 +25,7 @@ from shared.codec import (
     encode_push,
     encode_reply_envelope,
     encode_stream_entry,
+    entry_payload,
     token_digest,
 )
 from shared.keys import Keys, partition_of
@@ -188,3 +189,11 @@ def test_partitions_are_stable_and_keys_tagged() -> None:
     assert keys.chat_from_channel(keys.chat_channel("a:b")) == "a:b"
     assert keys.chat_from_channel(keys.node_channel("n")) is None
     assert keys.chat_from_channel(keys.control_channel) is None
+
+
+def test_entry_payload_finds_the_payload_field_of_a_stream_entry() -> None:
+    assert entry_payload([b"x", b"1", b"d", b"payload"]) == b"payload"
+    assert entry_payload([b"x", b"1"]) is None
+    assert entry_payload([b"d"]) is None  # a field without its value
+    # Redis answers nil for an entry deleted while pending.
+    assert entry_payload(None) is None and entry_payload([]) is None

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared.backoff import Backoff, run_every
-from shared.codec import STREAM_FIELD, decode_stream_entry, encode_push, encode_reply_envelope
+from shared.codec import decode_stream_entry, encode_push, encode_reply_envelope, entry_payload
 from shared.keys import CONSUMER_GROUP, Keys
 from shared.logs import describe_error
 from shared.metrics import WorkerMetrics
@@ -270,7 +270,7 @@ class Consumer:
             partition = self.keys.stream_partition(stream)
             for raw_id, fields in entries:
                 entry_id = raw_id.decode()
-                payload = _field(fields, STREAM_FIELD)
+                payload = entry_payload(fields)
                 if payload is None:
                     dead[stream].append(entry_id)  # trimmed away while pending
                     continue
@@ -467,14 +467,3 @@ def _text(value: Any) -> str:
 def _workers_group(groups: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The workers' consumer group among a stream's ``XINFO GROUPS`` (None: not created)."""
     return next((g for g in groups if _text(g.get("name")) == CONSUMER_GROUP), None)
-
-
-def _field(fields: list[bytes] | None, name: bytes) -> bytes | None:
-    """The value of ``name`` in a flat [field, value, ...] list (None: absent, or the
-    entry was deleted while pending and Redis returned nil for its fields)."""
-    if not fields:
-        return None
-    for i in range(0, len(fields) - 1, 2):
-        if fields[i] == name:
-            return fields[i + 1]
-    return None

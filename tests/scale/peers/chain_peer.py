@@ -40,7 +40,7 @@ from pymongo import AsyncMongoClient
 
 from gateway.connection import text_frame
 from gateway.producer import StreamProducer
-from shared.codec import STREAM_FIELD
+from shared.codec import entry_payload
 from shared.keys import partition_of
 from shared.protocol import message_view
 from shared.resp import RespConnection, RespError
@@ -230,10 +230,10 @@ def gateway_app() -> web.Application:
 
 
 def decode_entry(fields: list[bytes]) -> list[Any]:
-    for i in range(0, len(fields) - 1, 2):
-        if fields[i] == STREAM_FIELD:
-            return list(orjson.loads(fields[i + 1]))
-    raise ValueError("entry without a payload")
+    payload = entry_payload(fields)
+    if payload is None:
+        raise ValueError("entry without a payload")
+    return list(orjson.loads(payload))
 
 
 class Batch:
