@@ -286,14 +286,21 @@ class Target:
         elif self.name == "aiohttp":
             self.start_aiohttp()
 
+    def storage_env(self) -> dict[str, str]:
+        """Where a storing target's processes find Redis and MongoDB, and how many
+        partitions: the same for ours and the chain floor, so they are compared alike."""
+        return {
+            "REDIS_URL": self.redis_url,
+            "MONGO_URL": with_query(self.mongo_url, self.args.mongo_options),
+            "PARTITIONS": str(self.args.partitions),
+        }
+
     def start_ours(self) -> None:
         from deploy.local.servers import free_port
 
         args = self.args
         base = {
-            "REDIS_URL": self.redis_url,
-            "MONGO_URL": with_query(self.mongo_url, args.mongo_options),
-            "PARTITIONS": str(args.partitions),
+            **self.storage_env(),
             "LOG_LEVEL": args.log_level,
             "REQUEST_TIMEOUT_SECONDS": str(args.request_timeout),
             "GATEWAY_HOST": "127.0.0.1",
@@ -335,12 +342,7 @@ class Target:
         from deploy.local.servers import free_port
 
         args = self.args
-        base = {
-            "REDIS_URL": self.redis_url,
-            "MONGO_URL": with_query(self.mongo_url, args.mongo_options),
-            "PARTITIONS": str(args.partitions),
-            "HOST": "127.0.0.1",
-        }
+        base = {**self.storage_env(), "HOST": "127.0.0.1"}
         # One worker whatever --workers says: it counts each chat's ids in its memory.
         self.sup.spawn(
             "worker-0", "worker", [PYTHON, "-m", "tests.scale.peers.chain_peer"],

@@ -188,10 +188,10 @@ def test_a_chat_median_not_met_names_what_the_floor_took_at_that_rate() -> None:
     """With the chain target in the run, the bound of the chat latency goal says what the
     same hops took without ours' features, at the goal's rate only."""
     ours = _ours(_step(3000, p50=5.3, p99=14.0, cores=(1.37, 0.35)))
-    floor = _ours(_step(1500, p50=1.9), _step(3000, p50=2.8, p99=8.5, cores=(1.26, 0.35)))
-    half = _by_goal(
-        goals.evaluate("chat", {}, [ours, {**floor, "target": "chain"}], 2, 1), "chat at"
+    floor = _ours(
+        _step(1500, p50=1.9), _step(3000, p50=2.8, p99=8.5, cores=(1.26, 0.35)), target="chain"
     )
+    half = _by_goal(goals.evaluate("chat", {}, [ours, floor], 2, 1), "chat at")
     assert half["status"] == goals.NOT_MET
     assert half["bound"].endswith(
         "; chain (the same hops without ours' features) in this run: delivery p50 2.8 ms, "
@@ -199,25 +199,23 @@ def test_a_chat_median_not_met_names_what_the_floor_took_at_that_rate() -> None:
     )
     # The rate goal: what the floor sustained in the same sweep.
     sweep = _ours(_step(3000, p50=5.3), _step(4500, p50=11.0), _step(6000, p99=110.0))
-    fast = _ours(_step(3000, p50=2.9), _step(4500, p50=5.1), _step(6000, p50=9.0, p99=31.0))
-    rate = _by_goal(
-        goals.evaluate("chat", {}, [sweep, {**fast, "target": "chain"}], 2, 1), "chat: >="
+    fast = _ours(
+        _step(3000, p50=2.9), _step(4500, p50=5.1), _step(6000, p50=9.0, p99=31.0), target="chain"
     )
+    rate = _by_goal(goals.evaluate("chat", {}, [sweep, fast], 2, 1), "chat: >=")
     assert rate["status"] == goals.NOT_MET
     assert rate["bound"].endswith(
         "; chain (the same hops without ours' features) in this run: 6,000 sends/s sustained "
         "(delivery p99 31 ms)"
     )
     # A floor that failed its run, or none: nothing is said of it.
-    failed = {**_ours(_step(3000, p50=2.8, passed=False)), "target": "chain"}
+    failed = _ours(_step(3000, p50=2.8, passed=False), target="chain")
     for others in ([], [failed]):
         for verdict in goals.evaluate("chat", {}, [sweep, *others], 2, 1):
             assert "without ours' features" not in verdict["bound"]
     # The goal met: no bound to explain.
     met = _by_goal(
-        goals.evaluate(
-            "chat", {}, [_ours(_step(3000, p50=2.0)), {**floor, "target": "chain"}], 2, 1
-        ),
+        goals.evaluate("chat", {}, [_ours(_step(3000, p50=2.0)), floor], 2, 1),
         "chat at",
     )
     assert met["status"] == goals.MET

@@ -170,22 +170,30 @@ def test_report_says_what_ours_waited_for_before_acknowledging() -> None:
     assert "lose" not in reporting.write_concern_note("w=majority")
 
 
-def _short_chat_run(tmp_path: Path, target: str) -> tuple[Path, dict[str, Any]]:
-    """A 2-second chat run of ``target`` through the harness: its report folder and its
-    result (steps, and ours' probe), with what it printed under ``terminal``."""
+def _short_run(
+    tmp_path: Path, target: str, workload: str, *options: str
+) -> tuple[Path, dict[str, Any]]:
+    """A 2-second run of ``workload`` on ``target`` through the harness: its report folder
+    and its result (steps, and ours' probe), with what it printed under ``terminal``."""
     cmd = [
         sys.executable, "-m", "tests.scale.harness", "--targets", target,
-        "--workload", "chat", "--sockets", "40", "--rate", "40", "--duration", "2",
-        "--drain", "3", "--quiet-wait", "0", "--out", str(tmp_path),
-        "--data-dir", str(tmp_path / "data"), "--probe-rounds", "20",
+        "--workload", workload, *options, "--duration", "2", "--drain", "3",
+        "--quiet-wait", "0", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data"),
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert done.returncode == 0, done.stderr[-3000:]
-    (report_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("-chat")]
+    (report_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith(f"-{workload}")]
     report = json.loads((report_dir / "report.json").read_text())
     result: dict[str, Any] = report["results"][0]
     result["terminal"] = done.stdout + done.stderr  # what the harness printed
     return report_dir, result
+
+
+def _short_chat_run(tmp_path: Path, target: str) -> tuple[Path, dict[str, Any]]:
+    """A 2-second chat run of 40 sockets at 40 sends/s (and ours' probe of 20 rounds)."""
+    return _short_run(
+        tmp_path, target, "chat", "--sockets", "40", "--rate", "40", "--probe-rounds", "20"
+    )
 
 
 def test_chart_latency_axis_reads_in_plain_milliseconds() -> None:
@@ -288,17 +296,11 @@ def test_harness_end_to_end_on_the_chain_floor(tmp_path: Path) -> None:
 def test_the_chain_floor_reads_history_pages_through_its_worker(tmp_path: Path) -> None:
     """get_history on the floor makes ours' trip too: every page the right 50 ids of the
     prefilled chat, while sends are stored."""
-    cmd = [
-        sys.executable, "-m", "tests.scale.harness", "--targets", "chain",
-        "--workload", "history", "--history-prefill", "300", "--history-readers", "4",
+    _, result = _short_run(
+        tmp_path, "chain", "history", "--history-prefill", "300", "--history-readers", "4",
         "--history-rate", "40", "--history-writers", "10", "--rate", "10",
-        "--duration", "2", "--drain", "3", "--quiet-wait", "0", "--out", str(tmp_path),
-        "--data-dir", str(tmp_path / "data"),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (report_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("-history")]
-    step = json.loads((report_dir / "report.json").read_text())["results"][0]["steps"][0]
+    )  # fmt: skip
+    step = result["steps"][0]
     assert step["counts"]["history_ok"] == step["counts"]["history_sent"] > 0
     verification = step["verification"]
     assert verification["passed"] and verification["history_wrong_page"] == 0
