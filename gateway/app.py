@@ -233,10 +233,10 @@ async def _on_message(
     hub = app[HUB]
     if msg.type == WSMsgType.TEXT:
         req, error = _parse(msg.data, app[LIMITS])
-        metrics.frames_in.labels(req.event_type if req else "invalid").inc()
+        metrics.frame_in(req.event_type if req else "invalid").inc()
     elif msg.type == WSMsgType.BINARY:
         req, error = None, BINARY_ERROR
-        metrics.frames_in.labels("binary").inc()
+        metrics.frame_in("binary").inc()
     elif msg.type in _ENDED:
         return False
     elif msg.type == WSMsgType.ERROR:

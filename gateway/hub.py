@@ -441,24 +441,27 @@ class Hub:
             if len(fill.waiting) < MAX_FILL_BUFFER:
                 fill.waiting.append(push)
             return
+        seq = push.seq
+        # One pass over the chat's sockets: those this push is for, and the lowest last id
+        # among those that missed one before it.
+        targets: list[tuple[Connection, ChatState]] = []
+        behind: int | None = None
+        for conn in members.values():
+            state = conn.chats.get(chat_id)
+            if state is None or seq <= state.last_seq:
+                continue
+            if seq > state.last_seq + 1 and (behind is None or state.last_seq < behind):
+                behind = state.last_seq
+            targets.append((conn, state))
+        if behind is not None and may_fill and self._start_fill(chat_id, behind, [push]):
+            return
         origin_here = push.origin_node == self.node_id
-        if may_fill:
-            behind = [
-                state.last_seq
-                for conn in members.values()
-                if (state := conn.chats.get(chat_id)) is not None and push.seq > state.last_seq + 1
-            ]
-            if behind and self._start_fill(chat_id, min(behind), [push]):
-                return
         now = time.time()
         wire_mine: bytes | None = None
         wire_other: bytes | None = None
         delivered = 0
         expired = 0
-        for conn in list(members.values()):
-            state = conn.chats.get(chat_id)
-            if state is None or push.seq <= state.last_seq:
-                continue
+        for conn, state in targets:
             if state.expires_at is not None and state.expires_at <= now:
                 # The token that authorised this socket has expired: no more pushes.
                 self._leave(conn, chat_id)
@@ -466,16 +469,16 @@ class Hub:
                 continue
             if origin_here and conn.conn_id == push.origin_conn:
                 # The author's socket got this message as its reply.
-                self._deliver(conn, state, push.seq, None)
+                self._deliver(conn, state, seq, None)
                 continue
             if state.user_id == push.author:
                 if wire_mine is None:
                     wire_mine = text_frame(push.mine)
-                sent = self._deliver(conn, state, push.seq, push.mine, wire_mine)
+                sent = self._deliver(conn, state, seq, push.mine, wire_mine)
             else:
                 if wire_other is None:
                     wire_other = text_frame(push.other)
-                sent = self._deliver(conn, state, push.seq, push.other, wire_other)
+                sent = self._deliver(conn, state, seq, push.other, wire_other)
             delivered += sent
         if expired:
             self._revoked_counts["token_expired"].inc(expired)

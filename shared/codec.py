@@ -3,6 +3,11 @@
 Payloads that carry client frames put them after a JSON header, separated by a newline
 (orjson never writes a raw newline), so a gateway hands the frame bytes to sockets as
 they are, without decoding or re-encoding them.
+
+The per-message records (:class:`StreamEntry`, :class:`Reply`, :class:`Grant`,
+:class:`Push`) are plain slotted dataclasses, not frozen ones: one or more is built per
+message on the hot paths, and a frozen dataclass's ``__init__`` (``object.__setattr__``
+per field) costs ~4x as much. Nothing changes them after they are built.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamEntry:
     """A validated client request on its way from a gateway to a worker."""
 
@@ -87,7 +92,7 @@ def decode_stream_entry(data: bytes) -> StreamEntry:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Grant:
     """The worker's word that a user may receive a chat's pushes on a connection.
 
@@ -113,7 +118,7 @@ class Grant:
         return self.head if self.message_id is None else self.message_id
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reply:
     """A reply for one connection of one gateway node."""
 
@@ -158,7 +163,7 @@ def decode_reply_envelope(data: bytes) -> Reply:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Push:
     """A stored message for every socket of a chat: one frame per ``is_my`` variant."""
 

@@ -151,6 +151,8 @@ class GatewayMetrics:
             self.connections_rejected.labels(reason)
         self.redis_reconnects = redis_reconnects(r)
         self.ready = ready_gauge(r)
+        # Counted once per frame received: bound once (see Children).
+        self.frame_in = Children(self.frames_in)
 
 
 class Children(Generic[_M]):

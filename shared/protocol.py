@@ -90,9 +90,11 @@ class ProtocolError(Exception):
         return encode_reply(self.reply_type, self.event_type, None, self.detail, self.request_id)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
-    """A request that passed envelope validation; ``message`` is normalised."""
+    """A request that passed envelope validation; ``message`` is normalised.
+
+    Not frozen, as the records of shared.codec: one is built per frame received."""
 
     event_type: str
     chat_id: str

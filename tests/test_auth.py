@@ -75,6 +75,14 @@ def _count(authenticator: Authenticator, result: str) -> float:
     return value or 0.0
 
 
+def _timed(authenticator: Authenticator) -> float:
+    """MongoDB look-ups timed as ``chat_worker_mongo_seconds{op="auth"}``."""
+    value = authenticator.metrics.registry.get_sample_value(
+        "chat_worker_mongo_seconds_count", {"op": "auth"}
+    )
+    return value or 0.0
+
+
 async def test_refresh_keeps_entries_in_use_from_expiring(
     auth: tuple[Authenticator, Clock], seed: Seeder
 ) -> None:
@@ -88,15 +96,18 @@ async def test_refresh_keeps_entries_in_use_from_expiring(
     assert identity is not None and identity.user_id == user
     assert (await authenticator.members_of([chat]))[chat] == frozenset({user})
     assert _count(authenticator, "miss") == 3
+    assert _timed(authenticator) == 2  # one look-up of the two tokens, one of the chat
 
     clock.now += 0.6 * TTL  # in the refresh window; only the token and chat are used
     await authenticator.identities_for([digest])
     await authenticator.members_of([chat])
+    assert _timed(authenticator) == 2  # cache hits read nothing, so time nothing
     # The store changes: the token is revoked, the user leaves the chat.
     await seed.store.tokens.delete_one({"_id": digest})
     await seed.store.chats.update_one({"_id": chat}, {"$pull": {"member_ids": user}})
     assert await authenticator.refresh(within=TTL / 2) == 2
     assert _count(authenticator, "refreshed") == 2
+    assert _timed(authenticator) == 4  # the refresher's two look-ups
 
     # Past the first load's expiry: the entries in use are found without a MongoDB
     # read, and they say what the store says now; the unused one expired.
