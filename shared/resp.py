@@ -99,7 +99,16 @@ class RespConnection:
         self._busy = True
         try:
             self.send(*commands)
-            replies = [await self.read() for _ in commands]
+            # Every reply already received is taken without a coroutine per command
+            # (a pipeline of a worker's batch holds a dozen or more).
+            replies: list[Any] = []
+            gets = self._parser.gets
+            while len(replies) < len(commands):
+                reply = gets()
+                if reply is False:
+                    await self._fill()
+                else:
+                    replies.append(reply)
         except BaseException:
             # Replies may be half read: this connection can no longer be trusted.
             self.close()
@@ -117,11 +126,15 @@ class RespConnection:
             reply = self._parser.gets()
             if reply is not False:
                 return reply
-            chunk = await self._reader.read(READ_CHUNK)
-            if not chunk:
-                self.close()
-                raise ConnectionError("Redis closed the connection")
-            self._parser.feed(chunk)
+            await self._fill()
+
+    async def _fill(self) -> None:
+        """Feed the parser the next chunk received."""
+        chunk = await self._reader.read(READ_CHUNK)
+        if not chunk:
+            self.close()
+            raise ConnectionError("Redis closed the connection")
+        self._parser.feed(chunk)
 
     async def read_burst(self) -> list[Any]:
         """The next reply and every other one already received with it.

@@ -313,7 +313,7 @@ class Processor:
             entry = item.entry
             message: dict[str, Any] = entry.message or {}
             key = message.get("client_msg_id")
-            existing = by_event.get(item.event_id)
+            existing = by_event.get(item.event_id) if by_event else None
             if existing is not None:
                 # Redelivered entry: answer again, push again (gateways drop duplicates by id).
                 plan.append((item, identity, existing, existing["seq"], True))
@@ -361,8 +361,11 @@ class Processor:
         outcome.stored += len(new_docs)
         self.metrics.messages_stored.inc(len(new_docs))
 
+        # Counted once per event type, not once per send.
+        answered: dict[str, int] = {}
         for item, identity, doc, head, push in plan:
             entry = item.entry
+            answered[entry.event_type] = answered.get(entry.event_type, 0) + 1
             chat_id = entry.chat_id
             # One view for the three frames: its is_my flips for the other members'.
             view = protocol.message_view(doc, True)
@@ -378,7 +381,6 @@ class Processor:
                 chat_id, identity.user_id, head, identity.expires_at, None if seq == head else seq
             )
             outcome.reply(entry.node, Reply(entry.conn, entry.req, mine, grant=grant))
-            self.metrics.event(entry.event_type, protocol.SUCCESS).inc()
             if not push:
                 continue
             if entry.request_id is None:
@@ -403,6 +405,8 @@ class Processor:
                     other=other,
                 )
             )
+        for event_type, n in answered.items():
+            self.metrics.event(event_type, protocol.SUCCESS).inc(n)
 
     async def _load_counters(self, chat_ids: set[str]) -> None:
         # Most batches find every counter loaded: time only what reads MongoDB.
