@@ -7,6 +7,8 @@ Never a chat id, a user id or a token.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable
 from typing import Generic, Literal, TypeVar, get_args
 
 from prometheus_client import (
@@ -22,6 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from shared import protocol
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)
+_T = TypeVar("_T")
 
 # No `*_created` series next to every counter and histogram: they double the series
 # count, and nothing here (dashboard, alerts) reads them.
@@ -277,6 +280,15 @@ class WorkerMetrics:
     def mongo_op(self, op: MongoOp) -> Histogram:
         """``chat_worker_mongo_seconds{op}``."""
         return self._mongo_op(op)
+
+    async def mongo_call(self, op: MongoOp, call: Awaitable[_T]) -> _T:
+        """Await ``call``, a MongoDB operation, timed as ``chat_worker_mongo_seconds{op}``
+        (failures too: a timeout is the slowest call of all)."""
+        started = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self._mongo_op(op).observe(time.perf_counter() - started)
 
     def auth_result(self, result: AuthCacheResult) -> Counter:
         """``chat_worker_auth_cache_total{result}``."""

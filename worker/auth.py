@@ -208,7 +208,7 @@ class Authenticator:
         # In slices: one ``$in`` query over every key in use could pass BSON's 16 MB.
         for start in range(0, len(keys), REFRESH_SLICE):
             part = keys[start : start + REFRESH_SLICE]
-            cache.fill(part, await self._timed(load, part), now)
+            cache.fill(part, await self.metrics.mongo_call("auth", load(part)), now)
             self.metrics.auth_result("refreshed").inc(len(part))
 
     async def identities_for(self, digests: Iterable[str]) -> dict[str, Identity | None]:
@@ -238,18 +238,10 @@ class Authenticator:
             self.metrics.auth_result("hit").inc(len(found))
         if missing:
             self.metrics.auth_result("miss").inc(len(missing))
-            found.update(cache.fill(missing, await self._timed(load, missing), now))
+            found.update(
+                cache.fill(missing, await self.metrics.mongo_call("auth", load(missing)), now)
+            )
         return found
-
-    async def _timed(
-        self, load: Callable[[list[str]], Awaitable[dict[str, V]]], keys: list[str]
-    ) -> dict[str, V]:
-        """``load(keys)``, timed as the MongoDB operation ``auth``."""
-        started = time.perf_counter()
-        try:
-            return await load(keys)
-        finally:
-            self.metrics.mongo_op("auth").observe(time.perf_counter() - started)
 
     async def _load_identities(self, digests: list[str]) -> dict[str, Identity]:
         tokens = await self.store.tokens_by_digest(digests)

@@ -21,7 +21,7 @@ from typing import Any
 
 from shared import protocol
 from shared.codec import Grant, Push, Reply, StreamEntry
-from shared.metrics import MongoOp, WorkerMetrics
+from shared.metrics import WorkerMetrics
 
 from .auth import Authenticator, Identity
 from .store import CLIENT_KEY_INDEX, SEQ_INDEX, Doc, Store
@@ -264,7 +264,7 @@ class Processor:
     async def _page(self, key: PageKey) -> list[Doc]:
         chat_id, limit, before, after = key
         async with self._reads:
-            page: list[Doc] = await self._timed(
+            page: list[Doc] = await self.metrics.mongo_call(
                 "history", self.store.history(chat_id, limit=limit, before=before, after=after)
             )
         return page
@@ -298,7 +298,7 @@ class Processor:
         # and the batch is then processed again with ``suspect``, which looks them up.
         if suspect:
             event_ids = [item.event_id for item, _ in segment]
-            by_event, by_key = await self._timed(
+            by_event, by_key = await self.metrics.mongo_call(
                 "find_existing", self.store.find_existing(event_ids, client_keys)
             )
         await self._load_counters({i.entry.chat_id for i, _ in segment})
@@ -348,7 +348,7 @@ class Processor:
             plan.append((item, identity, doc, seq, True))
 
         try:
-            await self._timed("insert", self.store.insert_messages(new_docs))
+            await self.metrics.mongo_call("insert", self.store.insert_messages(new_docs))
         except Exception as exc:
             # Whatever got in before the failure is found by event id on the retry.
             self.counters.forget({i.entry.chat_id for i, _ in segment})
@@ -412,14 +412,7 @@ class Processor:
         # Most batches find every counter loaded: time only what reads MongoDB.
         missing = self.counters.missing(chat_ids)
         if missing:
-            await self._timed("last_seq", self.counters.load(missing))
-
-    async def _timed(self, op: MongoOp, awaitable: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return await awaitable
-        finally:
-            self.metrics.mongo_op(op).observe(time.perf_counter() - started)
+            await self.metrics.mongo_call("last_seq", self.counters.load(missing))
 
 
 def _duplicate_index(exc: Exception) -> str | None:
