@@ -128,6 +128,7 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     for conn in list(hub.connections.values()):
         await conn.close(1001, "server shutting down")
+    hub.close()
     for task in tasks:
         task.cancel()
     for task in tasks:

@@ -11,6 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from shared import protocol
 from shared.codec import token_digest
 from shared.config import Settings
 from tests.support import ROOT, Seeder, Stack
@@ -130,6 +131,47 @@ async def test_errors_decided_by_worker(stack: Stack, seed: Seeder, one_node: st
     ok = await client.request("get_history", chat)
     assert ok["type"] == "success" and ok["messages"] == [] and ok["detail"] is None
     assert bob  # created only to be an outsider
+
+
+async def test_each_unanswered_request_times_out_at_its_own_deadline(
+    stack: Stack, seed: Seeder
+) -> None:
+    """With no worker running, each request is answered server_error once its own
+    REQUEST_TIMEOUT_SECONDS have passed: not sooner, not together with a later one, and
+    in the order they were sent (the gateway keeps one timer for the oldest deadline)."""
+    user, token = await seed.user("Alice")
+    chat = await seed.chat(user)
+    timeout = 1.0
+    url = await stack.gateway(request_timeout=timeout)  # no worker: nothing is answered
+    client = await stack.client(url, token)
+    loop = asyncio.get_running_loop()
+    sent: dict[str, float] = {}
+    answered: dict[str, float] = {}
+    order: list[str] = []
+
+    async def collect() -> None:
+        for _ in range(3):
+            reply = await client.reply(timeout=10 * timeout)
+            assert reply["type"] == "server_error", reply
+            assert reply["detail"] == protocol.DETAIL_TIMEOUT
+            answered[reply["request_id"]] = loop.time()
+            order.append(reply["request_id"])
+
+    collector = asyncio.create_task(collect())
+    for n, event in enumerate(("send_message", "get_history", "send_message")):
+        request_id = f"late-{n}"
+        message = {"type": "text", "text": "hi"} if event == "send_message" else None
+        body = {"chat_id": chat, "token": token, "event_type": event, "message": message}
+        sent[request_id] = loop.time()
+        await client.ws.send_str(orjson.dumps(body | {"request_id": request_id}).decode())
+        await asyncio.sleep(0.45 * timeout)
+    await collector
+    assert order == ["late-0", "late-1", "late-2"]
+    for request_id, at in sent.items():
+        assert answered[request_id] - at >= timeout - 0.01, (request_id, answered[request_id] - at)
+    # Sent 0.45 s apart: answered apart too, each when its own time had come.
+    assert answered["late-1"] - answered["late-0"] > 0.2 * timeout
+    assert answered["late-2"] - answered["late-1"] > 0.2 * timeout
 
 
 async def test_integer_chat_id_and_request_id_echo(

@@ -153,6 +153,8 @@ class Consumer:
         # XREADGROUP too: one blocking read per batch, on a lean connection of its own.
         self._in: RespConnection | None = None
         self.clock = RedisClock()
+        # The XREADGROUP of new entries for the partitions it was built for.
+        self._new_reads: tuple[tuple[int, ...], list[Any]] | None = None
         # Recent batch time (read to replies published) per history read in the batch.
         self.read_cost_ms = 0.0
 
@@ -238,17 +240,31 @@ class Consumer:
             log.info("recovering pending entries", extra={"partition": partition, "n": len(items)})
             await self._handle_read(items, suspect=True)
 
-    async def _read(self, partitions: list[int], start: str) -> list[Item]:
-        streams = {self.keys.stream(p): start for p in partitions}
-        for stream in streams:
-            if stream not in self._groups:  # known after the first read: no await per read
-                await self._ensure_group(stream)
+    def _read_command(self, partitions: list[int], start: str) -> list[Any]:
         block = self.block_ms if start == ">" else None
         command: list[Any] = ["XREADGROUP", "GROUP", CONSUMER_GROUP, self.node_id]
         command += ["COUNT", self.batch]
         if block is not None:
             command += ["BLOCK", block]
-        command += ["STREAMS", *streams, *streams.values()]
+        streams = [self.keys.stream(p) for p in partitions]
+        command += ["STREAMS", *streams, *([start] * len(streams))]
+        return command
+
+    async def _read(self, partitions: list[int], start: str) -> list[Item]:
+        owned = tuple(partitions)
+        if start == ">" and self._new_reads is not None and self._new_reads[0] == owned:
+            # The same partitions as last time (nearly always): the same command, and
+            # their groups are known to exist.
+            command = self._new_reads[1]
+        else:
+            command = self._read_command(partitions, start)
+            for partition in partitions:
+                stream = self.keys.stream(partition)
+                if stream not in self._groups:
+                    await self._ensure_group(stream)
+            if start == ">":
+                self._new_reads = (owned, command)
+        block = self.block_ms if start == ">" else None
         if self._in is None or self._in.closed:
             self._in = await RespConnection.open(self._redis_url, name=f"worker-in:{self.node_id}")
         try:
@@ -260,6 +276,7 @@ class Consumer:
             if "NOGROUP" in str(exc):
                 # Redis lost the group (restarted without its data): create it again.
                 self._groups.clear()
+                self._new_reads = None
                 return []
             raise
         items: list[Item] = []
