@@ -196,6 +196,7 @@ class Hub:
             message=message,
             received_at=time.time(),
             timeout=self.settings.request_timeout,
+            reply_on_push=True,
         )
         stream = self.keys.stream(partition_of(chat_id, self.settings.partitions))
         if not self.producer.submit(stream, encode_stream_entry(entry)):
@@ -269,7 +270,10 @@ class Hub:
         try:
             chat_id = self.keys.chat_from_channel(channel)
             if chat_id is not None:
-                self._on_push(chat_id, decode_push(data))
+                push = decode_push(data)
+                if push.reply_req is not None and push.origin_node == self.node_id:
+                    self._on_carried_reply(push, push.reply_req)
+                self._on_push(chat_id, push)
             elif channel == self.keys.control_channel:
                 control = decode_control(data)
                 if isinstance(control, Revocation):
@@ -286,24 +290,42 @@ class Hub:
         pending = self.pending.pop(reply.req, None)
         if pending is None:
             return  # timed out already: the client was told; a second reply would confuse it
+        self._answer(pending, reply.frame, reply.grant, reply.revoke)
+
+    def _on_carried_reply(self, push: Push, req: int) -> None:
+        """Answer request ``req`` of this node from the push of the message it stored
+        (handled before the push itself, as a reply on the node channel would be)."""
+        pending = self.pending.pop(req, None)
+        if pending is None:
+            return  # timed out already, or a redelivered entry's push: answered before
+        frame = push.mine
+        if pending.request_id is not None:
+            frame = protocol.with_request_id(frame, pending.request_id)
+        grant = Grant(push.chat_id, push.author, push.seq, push.reply_expires_at)
+        self._answer(pending, frame, grant, None)
+
+    def _answer(
+        self, pending: Pending, frame: bytes, grant: Grant | None, revoke: str | None
+    ) -> None:
+        """Deliver the reply to a request taken out of ``pending``."""
         conn = pending.conn
         channel = self.keys.chat_channel(pending.chat_id)
         if pending.fill:
             self.subscriber.release(channel)
-            self._finish_fill(pending.chat_id, reply.frame)
+            self._finish_fill(pending.chat_id, frame)
             return
         if not conn.closed:
             send_now = True
-            if reply.grant is not None:
-                send_now = self._authorise(conn, reply.grant, pending, reply.frame)
-            elif reply.revoke is not None:
-                self._leave(conn, reply.revoke)
+            if grant is not None:
+                send_now = self._authorise(conn, grant, pending, frame)
+            elif revoke is not None:
+                self._leave(conn, revoke)
             self._observe(pending)
-            reply_type = _reply_type(reply.frame)
+            reply_type = _reply_type(frame)
             self._replies[reply_type].inc()
             self._out_reply.inc()
             if send_now:
-                conn.send(reply.frame)
+                conn.send(frame)
         self.subscriber.release(channel)
 
     def _deliver(

@@ -55,6 +55,10 @@ class StreamEntry:
     # (None: no limit known, from a gateway that predates the field). A worker does not
     # spend work on a read nobody waits for any more.
     timeout: float | None = None
+    # The gateway takes a stored send's reply from the message's push (see Push): a
+    # gateway of an earlier release does not say so, and gets its reply on its node
+    # channel as before.
+    reply_on_push: bool = False
 
 
 def encode_stream_entry(entry: StreamEntry) -> bytes:
@@ -71,6 +75,7 @@ def encode_stream_entry(entry: StreamEntry) -> bytes:
             "m": entry.message,
             "ts": entry.received_at,
             "to": entry.timeout,
+            **({"rp": 1} if entry.reply_on_push else {}),
         }
     )
 
@@ -89,6 +94,7 @@ def decode_stream_entry(data: bytes) -> StreamEntry:
         message=raw["m"],
         received_at=raw["ts"],
         timeout=raw.get("to"),
+        reply_on_push=bool(raw.get("rp")),
     )
 
 
@@ -165,7 +171,14 @@ def decode_reply_envelope(data: bytes) -> Reply:
 
 @dataclass(slots=True)
 class Push:
-    """A stored message for every socket of a chat: one frame per ``is_my`` variant."""
+    """A stored message for every socket of a chat: one frame per ``is_my`` variant.
+
+    When ``reply_req`` is set, the push also answers its author's request number
+    ``reply_req`` on node ``origin_node``: that gateway builds the reply from ``mine``
+    (adding the request's ``request_id``) and takes the grant it stands for from the
+    push itself (the chat, the author, ``seq``, and ``reply_expires_at``). A send then
+    costs one PUBLISH instead of two, and its gateway one pub/sub message.
+    """
 
     chat_id: str
     seq: int
@@ -175,19 +188,24 @@ class Push:
     stored_at: float
     mine: bytes
     other: bytes
+    reply_req: int | None = None
+    # When the author's token expires (Unix seconds; None: never), for the grant.
+    reply_expires_at: float | None = None
 
 
 def encode_push(push: Push) -> bytes:
-    """Chat-channel payload: header line, the ``is_my: true`` frame, the ``false`` frame."""
+    """Chat-channel payload: header line, the ``is_my: true`` frame, the ``false`` frame.
+
+    The header has six fields. A carried reply goes in the fifth one's place, as
+    ``[origin_conn, reply_req, reply_expires_at]``: a gateway of the previous release
+    unpacks exactly six fields, and reads the fifth only when the push comes from a
+    request of its own, which a gateway that asks for carried replies never is.
+    """
+    origin: int | list[Any] = push.origin_conn
+    if push.reply_req is not None:
+        origin = [push.origin_conn, push.reply_req, push.reply_expires_at]
     header = orjson.dumps(
-        [
-            push.chat_id,
-            push.seq,
-            push.author,
-            push.origin_node,
-            push.origin_conn,
-            push.stored_at,
-        ]
+        [push.chat_id, push.seq, push.author, push.origin_node, origin, push.stored_at]
     )
     return b"\n".join((header, push.mine, push.other))
 
@@ -196,16 +214,21 @@ def decode_push(data: bytes) -> Push:
     """Inverse of :func:`encode_push`."""
     first = data.index(b"\n")
     second = data.index(b"\n", first + 1)
-    chat_id, seq, author, node, conn, stored_at = orjson.loads(data[:first])
+    chat_id, seq, author, node, origin, stored_at = orjson.loads(data[:first])
+    reply_req = expires_at = None
+    if isinstance(origin, list):
+        origin, reply_req, expires_at = origin
     return Push(
         chat_id=chat_id,
         seq=seq,
         author=author,
         origin_node=node,
-        origin_conn=conn,
+        origin_conn=origin,
         stored_at=stored_at,
         mine=data[first + 1 : second],
         other=data[second + 1 :],
+        reply_req=reply_req,
+        reply_expires_at=expires_at,
     )
 
 

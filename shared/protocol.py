@@ -376,6 +376,15 @@ def encode_reply(
     return orjson.dumps(frame)
 
 
+def with_request_id(frame: bytes, request_id: str) -> bytes:
+    """``frame``, made by :func:`encode_reply` without a ``request_id``, as it would
+    have been made with one (the field comes last, so it is appended).
+
+    A gateway builds a send's reply this way from the push that carries it.
+    """
+    return b'%s,"request_id":%s}' % (frame[:-1], orjson.dumps(request_id))
+
+
 def message_view(doc: Mapping[str, Any], is_my: bool) -> dict[str, Any]:
     """A stored message as the client sees it (the seed's fields, plus ``client_msg_id``)."""
     view: dict[str, Any] = {

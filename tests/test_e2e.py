@@ -10,10 +10,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from redis.asyncio import Redis
 
+import worker.consumer
 from shared import protocol
-from shared.codec import token_digest
+from shared.codec import StreamEntry, token_digest
 from shared.config import Settings
+from shared.keys import Keys
 from tests.support import ROOT, Seeder, Stack
 
 SEED_TOKEN = "b58f7d184743106a8a66028b7a28937c"
@@ -253,6 +256,74 @@ async def test_fan_out_on_one_node(stack: Stack, seed: Seeder, one_node: str) ->
     assert "request_id" not in mine and mine["event_type"] == "send_message"
     await a1.no_push()
     await c.no_push(0.1)
+
+
+@pytest.mark.parametrize("carried", [True, False], ids=["reply_on_push", "previous_gateway"])
+async def test_a_sends_reply_rides_on_its_push_unless_the_gateway_predates_it(
+    stack: Stack,
+    seed: Seeder,
+    settings: Settings,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    carried: bool,
+) -> None:
+    """A stored send's reply comes from its push (one PUBLISH, nothing on the node
+    channel) when the gateway asks for it. Stream entries without the ask, as a gateway
+    of the previous release writes them, get their reply on the node channel as before.
+    Clients see the same frames either way, with and without a request_id."""
+    if not carried:
+        read = worker.consumer.decode_stream_entry
+
+        def previous_release(data: bytes) -> StreamEntry:
+            entry = read(data)
+            entry.reply_on_push = False
+            return entry
+
+        monkeypatch.setattr(worker.consumer, "decode_stream_entry", previous_release)
+    alice, a_token = await seed.user("Alice")
+    bob, b_token = await seed.user("Bob")
+    chat = await seed.chat(alice, bob)
+    await stack.worker()
+    url = await stack.gateway()
+    a1 = await stack.client(url, a_token)
+    a2 = await stack.client(url, a_token)
+    b = await stack.client(url, b_token)
+    for client in (a1, a2, b):
+        await client.join(chat)
+    keys = Keys(settings.redis_prefix)
+    watch = redis.pubsub()
+    await watch.psubscribe(keys.node_channel("*"), keys.chat_channel("*"))
+    try:
+        reply = await a1.send_text(chat, "hello", request_id="r-1")
+        plain = await a1.request(
+            "send_message", chat, {"type": "text", "text": "plain"}, plain=True
+        )
+        seen: list[str] = []
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while len(seen) < (2 if carried else 4):
+            assert asyncio.get_running_loop().time() < deadline, seen
+            # None for the subscription's own confirmations, which are skipped.
+            message = await watch.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None:
+                seen.append(message["channel"].decode().split(":")[-2])
+        assert seen == (["room"] * 2 if carried else ["node", "room"] * 2)
+    finally:
+        await watch.aclose()
+    assert reply["type"] == "success" and reply["request_id"] == "r-1"
+    assert reply["messages"][0]["is_my"] is True and reply["detail"] == protocol.DETAIL_SUCCESS
+    assert "request_id" not in plain and plain["messages"][0]["text"] == "plain"
+    assert [int(r["messages"][0]["id"]) for r in (reply, plain)] == [1, 2]
+    for other, is_my in ((a2, True), (b, False)):
+        pushes = [await other.push(), await other.push()]
+        assert [p["messages"][0]["id"] for p in pushes] == ["1", "2"]
+        assert all(p["messages"][0]["is_my"] is is_my and "request_id" not in p for p in pushes)
+    await a1.no_push()
+    # A retry of a stored message pushes nothing, so its reply takes the node channel.
+    again = await a1.send_text(chat, "hello", request_id="r-2", client_msg_id="k")
+    retry = await a1.send_text(chat, "hello", request_id="r-3", client_msg_id="k")
+    assert retry["request_id"] == "r-3" and retry["messages"] == again["messages"]
+    await b.push()
+    await b.no_push(0.2)
 
 
 async def test_revoked_token_and_removed_member(

@@ -181,6 +181,45 @@ def test_codec_round_trips() -> None:
     }
 
 
+def test_a_push_that_carries_a_reply_still_reads_as_a_push_to_the_previous_release() -> None:
+    """The reply rides in the origin_conn place of a six-field header: a gateway of the
+    previous release unpacks the header as it always did, and gets the same frames."""
+    carrying = Push("c1", 3, "u1", "n1", 2, 1.25, b'{"a":"x\\ny"}', b'{"b":1}', 17, 1.9e9)
+    data = encode_push(carrying)
+    assert decode_push(data) == carrying
+    assert (
+        decode_push(encode_push(Push("c1", 3, "u1", "n1", 2, 1.5, b"{}", b"{}", 4))).reply_req == 4
+    )
+    # The previous release's decoding, as it was.
+    first = data.index(b"\n")
+    second = data.index(b"\n", first + 1)
+    chat_id, seq, author, node, _conn, stored_at = orjson.loads(data[:first])
+    assert (chat_id, seq, author, node, stored_at) == ("c1", 3, "u1", "n1", 1.25)
+    assert (data[first + 1 : second], data[second + 1 :]) == (carrying.mine, carrying.other)
+    # And the previous release's pushes read here without a reply.
+    old = orjson.dumps(["c1", 3, "u1", "n1", 2, 1.25]) + b"\n{}\n{}"
+    assert decode_push(old) == Push("c1", 3, "u1", "n1", 2, 1.25, b"{}", b"{}")
+
+
+def test_a_stream_entry_asks_for_its_reply_on_the_push_only_when_it_says_so() -> None:
+    asking = StreamEntry("n", 1, 2, None, "c", "d", "send_message", None, 1.0, 5.0, True)
+    assert decode_stream_entry(encode_stream_entry(asking)).reply_on_push is True
+    asking.reply_on_push = False
+    plain = encode_stream_entry(asking)
+    assert b'"rp"' not in plain and decode_stream_entry(plain).reply_on_push is False
+
+
+@given(st.text(min_size=1, max_size=64), st.text(max_size=200))
+def test_a_reply_built_from_a_push_is_the_reply_the_worker_would_send(
+    request_id: str, text: str
+) -> None:
+    view = {"id": "1", "chat_id": "c", "text": text, "is_my": True}
+    frame = protocol.encode_reply("success", "send_message", [view], protocol.DETAIL_SUCCESS)
+    assert protocol.with_request_id(frame, request_id) == protocol.encode_reply(
+        "success", "send_message", [view], protocol.DETAIL_SUCCESS, request_id
+    )
+
+
 def test_partitions_are_stable_and_keys_tagged() -> None:
     assert partition_of("chat-1", 16) == partition_of("chat-1", 16)
     assert {partition_of(str(i), 16) for i in range(200)} == set(range(16))

@@ -367,28 +367,40 @@ class Processor:
             entry = item.entry
             answered[entry.event_type] = answered.get(entry.event_type, 0) + 1
             chat_id = entry.chat_id
-            # One view for the three frames: its is_my flips for the other members'.
+            # One view for every frame: its is_my flips for the other members'.
             view = protocol.message_view(doc, True)
-            mine = protocol.encode_reply(
-                protocol.SUCCESS,
-                entry.event_type,
-                [view],
-                protocol.DETAIL_SUCCESS,
-                entry.request_id,
-            )
             seq = doc["seq"]
-            grant = Grant(
-                chat_id, identity.user_id, head, identity.expires_at, None if seq == head else seq
-            )
-            outcome.reply(entry.node, Reply(entry.conn, entry.req, mine, grant=grant))
-            if not push:
-                continue
-            if entry.request_id is None:
-                push_mine = mine
-            else:
+            # A stored message's reply rides on its push when the gateway can take it
+            # so (codec.Push): one PUBLISH, and its request_id is added by the gateway.
+            rides = push and entry.reply_on_push
+            if rides:
                 push_mine = protocol.encode_reply(
                     protocol.SUCCESS, entry.event_type, [view], protocol.DETAIL_SUCCESS
                 )
+            else:
+                mine = protocol.encode_reply(
+                    protocol.SUCCESS,
+                    entry.event_type,
+                    [view],
+                    protocol.DETAIL_SUCCESS,
+                    entry.request_id,
+                )
+                grant = Grant(
+                    chat_id,
+                    identity.user_id,
+                    head,
+                    identity.expires_at,
+                    None if seq == head else seq,
+                )
+                outcome.reply(entry.node, Reply(entry.conn, entry.req, mine, grant=grant))
+                if not push:
+                    continue
+                if entry.request_id is None:
+                    push_mine = mine
+                else:
+                    push_mine = protocol.encode_reply(
+                        protocol.SUCCESS, entry.event_type, [view], protocol.DETAIL_SUCCESS
+                    )
             view["is_my"] = False
             other = protocol.encode_reply(
                 protocol.SUCCESS, entry.event_type, [view], protocol.DETAIL_SUCCESS
@@ -396,13 +408,17 @@ class Processor:
             outcome.push(
                 Push(
                     chat_id=chat_id,
-                    seq=doc["seq"],
+                    seq=seq,
                     author=doc["user_id"],
                     origin_node=entry.node,
                     origin_conn=entry.conn,
                     stored_at=stored_at,
                     mine=push_mine,
                     other=other,
+                    # A pushed message's grant is (chat, author, seq): only the
+                    # request and the token's expiry need saying.
+                    reply_req=entry.req if rides else None,
+                    reply_expires_at=identity.expires_at if rides else None,
                 )
             )
         for event_type, n in answered.items():
