@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 
 from deploy.local.prepare import TOOLS_BIN
 from deploy.local.servers import free_port
-from shared.codec import token_digest
+from shared.codec import StreamEntry, token_digest
 from shared.config import Settings
 from shared.keys import CONSUMER_GROUP, Keys, partition_of
 from shared.metrics import GatewayMetrics, WorkerMetrics
@@ -48,7 +48,8 @@ from tests.support import ROOT, Client, Seeder, Stack, mongo_store
 from worker.auth import Authenticator
 from worker.consumer import Consumer, RedisClock, clock_offset
 from worker.partitions import ORPHAN_GRACE, PartitionManager
-from worker.processor import Counters, Processor, entry_age_ms
+from worker.processor import Counters, Item, Processor, entry_age_ms
+from worker.store import Store
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "chat-gateway.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -401,6 +402,40 @@ def test_stream_wait_counts_from_the_middle_of_the_stamped_millisecond() -> None
     assert sum(waits) / len(waits) == pytest.approx(2.0, abs=0.01)
     assert entry_age_ms("1000-7", 1_000.2) == 0.0  # never negative
     assert entry_age_ms("1000-0", 1_003.5) == 3.0
+
+
+async def test_a_push_is_stamped_stored_when_the_insert_is_acknowledged(
+    settings: Settings, seed: Seeder
+) -> None:
+    """``chat_gateway_delivery_seconds`` runs from a push's ``stored_at`` to its write to
+    the sockets. The stamp is taken once MongoDB acknowledged the insert, so the
+    histogram does not count the insert itself (a clock that moves only while the
+    insert runs tells the two apart)."""
+    user, token = await seed.user("Alice")
+    chat = await seed.chat(user)
+    clock = [1_000.0]
+
+    class SlowStore(Store):
+        async def insert_messages(self, docs: list[dict[str, Any]]) -> None:
+            await super().insert_messages(docs)
+            clock[0] += 60.0  # the insert took a minute on this clock
+
+    client, store = await mongo_store(settings)
+    try:
+        slow = SlowStore(store.db, store.wire)
+        metrics = WorkerMetrics()
+        processor = Processor(
+            slow, Authenticator(slow, 1.0, metrics), Counters(slow), metrics, clock=lambda: clock[0]
+        )
+        entry = StreamEntry(
+            "gw", 1, 1, "r1", chat, token_digest(token), "send_message",
+            {"type": "text", "text": "hi"}, 1_000.0, 5.0, True,
+        )  # fmt: skip
+        outcome = await processor.process([Item("s", "1-0", 0, entry)], suspect=False)
+    finally:
+        await client.close()
+    (push,) = outcome.pushes
+    assert push.stored_at == 1_060.0
 
 
 def test_bound_children_are_the_labelled_series() -> None:

@@ -304,7 +304,6 @@ class Processor:
         await self._load_counters({i.entry.chat_id for i, _ in segment})
 
         now = int(self.clock())
-        stored_at = self.clock()
         new_docs: list[Doc] = []
         # (item, identity, doc, head, push?): replies and pushes once the insert succeeded.
         # ``head`` is the grant's: the last id pushed ahead of this reply (see Grant).
@@ -360,6 +359,9 @@ class Processor:
             raise
         outcome.stored += len(new_docs)
         self.metrics.messages_stored.inc(len(new_docs))
+        # When the insert was acknowledged (journaled): the gateways' delivery histogram
+        # starts here. Taken before the insert, it counted the insert's own ~0.5-1.5 ms.
+        stored_at = self.clock()
 
         # Counted once per event type, not once per send.
         answered: dict[str, int] = {}
