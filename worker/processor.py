@@ -286,17 +286,17 @@ class Processor:
     async def _store_segment(
         self, outcome: Outcome, segment: list[tuple[Item, Identity]], suspect: bool
     ) -> None:
-        client_keys = [
-            (item.entry.chat_id, identity.user_id, item.entry.message["client_msg_id"])
-            for item, identity in segment
-            if item.entry.message and item.entry.message.get("client_msg_id")
-        ]
         by_event: dict[str, Doc] = {}
         by_key: dict[tuple[str, str, str], Doc] = {}
         # Fresh entries are inserted without looking anything up first (one MongoDB round
         # trip less per batch): a retry or redelivery among them fails on a unique index,
         # and the batch is then processed again with ``suspect``, which looks them up.
         if suspect:
+            client_keys = [
+                (item.entry.chat_id, identity.user_id, item.entry.message["client_msg_id"])
+                for item, identity in segment
+                if item.entry.message and item.entry.message.get("client_msg_id")
+            ]
             event_ids = [item.event_id for item, _ in segment]
             by_event, by_key = await self.metrics.mongo_call(
                 "find_existing", self.store.find_existing(event_ids, client_keys)
