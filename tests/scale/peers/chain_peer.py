@@ -16,7 +16,8 @@ forwarded) and joins the socket to the chat.
 Left out is all that ours does beyond those hops: tokens, membership, grants and gap
 fill, idempotent retries, limits, metrics, the drain and fail-over. A send makes the
 same hops as in ours (gateway, Redis, worker, MongoDB, Redis, gateway), with one PUBLISH
-where ours makes two (the reply to the sender's node, the push to the chat). So under
+that carries both the reply and the push, as ours does since its sixteenth benchmark
+round (before, ours PUBLISHed the reply on the sender's node channel apart). So under
 the same load, what this takes is the price of the hops, and what ours takes beyond it
 is the price of the rest.
 
