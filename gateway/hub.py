@@ -3,7 +3,8 @@
 - A request takes a reference on its chat's channel (confirmed subscription) before it is
   forwarded, so the worker's result cannot be published before this node listens.
 - Replies come on the node channel and are matched to in-flight requests by an id of
-  this node's; a reply for a request that already timed out is dropped.
+  this node's; a reply for a request that already timed out is dropped. A stored send's
+  reply comes inside its push instead (the request asks for it: ``codec.Push``).
 - Pushes come on chat channels. Each socket remembers, per chat, the last id it was
   sent: duplicates are dropped, and a jump in ids (a push lost while the pub/sub
   connection was down) is filled from history through the worker before newer pushes.
