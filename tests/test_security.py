@@ -1168,6 +1168,31 @@ async def test_a_retried_send_is_not_held_in_place_of_a_newer_push(
     await a.no_push(0.2)
 
 
+async def test_a_send_landing_past_a_gap_is_answered_after_the_gap_is_filled(
+    stack: Stack, seed: Seeder
+) -> None:
+    """A send's reply, carried by its push, for an id past the socket's last id plus one
+    waits while the gap is filled from history: the socket gets the message it missed,
+    then its reply, in id order."""
+    pair = await alice_and_bob(stack, seed)
+    alice, chat, url, a, b = pair.alice, pair.chat, pair.url, pair.a, pair.b
+    await a.join(chat)
+    await b.send_text(chat, "one")
+    assert (await a.push())["messages"][0]["id"] == "1"
+    hub = app_of(stack, url)[HUB]
+    (state,) = [c.chats[chat] for c in hub.connections.values() if c.chats[chat].user_id == alice]
+    state.last_seq = 0  # as if the push of 1 had been lost with a pub/sub connection
+    seen = len(a.frames)
+    reply = await a.send_text(chat, "two", request_id="mine")
+    assert reply["messages"][0]["id"] == "2" and reply["request_id"] == "mine"
+    filled, answered = a.frames[seen:]
+    assert filled["messages"][0]["id"] == "1" and filled["messages"][0]["is_my"] is False
+    assert "request_id" not in filled and answered is reply
+    assert state.last_seq == 2 and not state.held
+    assert await a.push() == filled  # the gap's message, once
+    await a.no_push(0.2)
+
+
 async def test_pushes_stop_when_the_token_expires(
     stack: Stack, seed: Seeder, settings: Settings
 ) -> None:
