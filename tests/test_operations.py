@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
@@ -42,7 +42,14 @@ from deploy.local.servers import free_port
 from shared.codec import StreamEntry, token_digest
 from shared.config import Settings
 from shared.keys import CONSUMER_GROUP, Keys, partition_of
-from shared.metrics import GatewayMetrics, WorkerMetrics
+from shared.metrics import (
+    BATCH_BUCKETS,
+    LATENCY_BUCKETS,
+    GatewayMetrics,
+    LoopCounter,
+    LoopHistogram,
+    WorkerMetrics,
+)
 from tests.conftest import Servers
 from tests.support import ROOT, Client, Seeder, Stack, mongo_store
 from worker.auth import Authenticator
@@ -436,6 +443,51 @@ async def test_a_push_is_stamped_stored_when_the_insert_is_acknowledged(
         await client.close()
     (push,) = outcome.pushes
     assert push.stored_at == 1_060.0
+
+
+def test_loop_metrics_are_exposed_as_prometheus_client_would() -> None:
+    """The per-message series are plain numbers behind a collector (no lock per
+    increment); /metrics must show them exactly as prometheus_client's own Counter and
+    Histogram would, values, labels, bucket bounds and all."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    pairs: list[tuple[Any, Any]] = [
+        (
+            LoopCounter("t_plain", "A plain counter.", registry=ours),
+            Counter("t_plain", "A plain counter.", registry=theirs),
+        ),
+        (
+            LoopCounter("t_by", "By kind and code.", ["kind", "code"], registry=ours),
+            Counter("t_by", "By kind and code.", ["kind", "code"], registry=theirs),
+        ),
+        (
+            LoopHistogram("t_seconds", "Latency.", buckets=LATENCY_BUCKETS, registry=ours),
+            Histogram("t_seconds", "Latency.", buckets=LATENCY_BUCKETS, registry=theirs),
+        ),
+        (
+            LoopHistogram("t_size", "By op.", ["op"], buckets=BATCH_BUCKETS, registry=ours),
+            Histogram("t_size", "By op.", ["op"], buckets=BATCH_BUCKETS, registry=theirs),
+        ),
+    ]
+    observed = [0.0, 0.00025, 0.0003, 0.003, 0.0099, 10.0, 11.0, 1e9, -1.0, 1, 2, 1000, 2001]
+    for metric in pairs[0]:
+        metric.inc()
+        metric.inc(2.5)
+        with pytest.raises(ValueError):
+            metric.inc(-1)
+    for metric in pairs[1]:
+        metric.labels("a", "1").inc(3)
+        metric.labels("b", 2)  # a series at 0; label values are strings
+        with pytest.raises(ValueError):
+            metric.labels("a")
+    for metric in pairs[2]:
+        for value in observed:
+            metric.observe(value)
+    for metric in pairs[3]:
+        metric.labels("insert")  # empty
+        for value in observed:
+            metric.labels("find").observe(value)
+    assert generate_latest(ours).decode() == generate_latest(theirs).decode()
+    assert ours.get_sample_value("t_by_total", {"kind": "a", "code": "1"}) == 3
 
 
 def test_bound_children_are_the_labelled_series() -> None:
