@@ -8,6 +8,7 @@ Never a chat id, a user id or a token.
 from __future__ import annotations
 
 import time
+from abc import abstractmethod
 from bisect import bisect_left
 from collections.abc import Awaitable, Iterator, Sequence
 from typing import Generic, Literal, Protocol, TypeVar, get_args
@@ -112,8 +113,9 @@ class _LoopMetric(Collector, Generic[_S]):
             self._series[()] = self._new()
         registry.register(self)
 
+    @abstractmethod
     def _new(self) -> _S:
-        raise NotImplementedError
+        """A new series at zero."""
 
     def labels(self, *values: str) -> _S:
         """The series of these label values (made on first use, as prometheus_client's)."""
@@ -138,8 +140,9 @@ class _LoopMetric(Collector, Generic[_S]):
         """The metric with every series, for /metrics."""
         return self._families(with_values=True)
 
+    @abstractmethod
     def _families(self, with_values: bool) -> Iterator[Metric]:
-        raise NotImplementedError
+        """The metric's family, with its series' values when ``with_values``."""
 
 
 class LoopCounter(_LoopMetric[LoopCounterSeries]):
