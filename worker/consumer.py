@@ -240,8 +240,7 @@ class Consumer:
             log.info("recovering pending entries", extra={"partition": partition, "n": len(items)})
             await self._handle_read(items, suspect=True)
 
-    def _read_command(self, partitions: list[int], start: str) -> list[Any]:
-        block = self.block_ms if start == ">" else None
+    def _read_command(self, partitions: list[int], start: str, block: int | None) -> list[Any]:
         command: list[Any] = ["XREADGROUP", "GROUP", CONSUMER_GROUP, self.node_id]
         command += ["COUNT", self.batch]
         if block is not None:
@@ -252,19 +251,19 @@ class Consumer:
 
     async def _read(self, partitions: list[int], start: str) -> list[Item]:
         owned = tuple(partitions)
+        block = self.block_ms if start == ">" else None
         if start == ">" and self._new_reads is not None and self._new_reads[0] == owned:
             # The same partitions as last time (nearly always): the same command, and
             # their groups are known to exist.
             command = self._new_reads[1]
         else:
-            command = self._read_command(partitions, start)
+            command = self._read_command(partitions, start, block)
             for partition in partitions:
                 stream = self.keys.stream(partition)
                 if stream not in self._groups:
                     await self._ensure_group(stream)
             if start == ">":
                 self._new_reads = (owned, command)
-        block = self.block_ms if start == ">" else None
         if self._in is None or self._in.closed:
             self._in = await RespConnection.open(self._redis_url, name=f"worker-in:{self.node_id}")
         try:

@@ -375,11 +375,8 @@ class Processor:
             # A stored message's reply rides on its push when the gateway can take it
             # so (codec.Push): one PUBLISH, and its request_id is added by the gateway.
             rides = push and entry.reply_on_push
-            if rides:
-                push_mine = protocol.encode_reply(
-                    protocol.SUCCESS, entry.event_type, [view], protocol.DETAIL_SUCCESS
-                )
-            else:
+            mine: bytes | None = None
+            if not rides:
                 mine = protocol.encode_reply(
                     protocol.SUCCESS,
                     entry.event_type,
@@ -397,12 +394,14 @@ class Processor:
                 outcome.reply(entry.node, Reply(entry.conn, entry.req, mine, grant=grant))
                 if not push:
                     continue
-                if entry.request_id is None:
-                    push_mine = mine
-                else:
-                    push_mine = protocol.encode_reply(
-                        protocol.SUCCESS, entry.event_type, [view], protocol.DETAIL_SUCCESS
-                    )
+            # The push's frame for the author's other sockets: the reply without its
+            # request_id (the same bytes when there is none).
+            if mine is not None and entry.request_id is None:
+                push_mine = mine
+            else:
+                push_mine = protocol.encode_reply(
+                    protocol.SUCCESS, entry.event_type, [view], protocol.DETAIL_SUCCESS
+                )
             view["is_my"] = False
             other = protocol.encode_reply(
                 protocol.SUCCESS, entry.event_type, [view], protocol.DETAIL_SUCCESS
