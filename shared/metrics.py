@@ -11,7 +11,7 @@ import time
 from abc import abstractmethod
 from bisect import bisect_left
 from collections.abc import Awaitable, Iterator, Sequence
-from typing import Generic, Literal, Protocol, TypeVar, get_args
+from typing import Generic, Literal, TypeVar, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -118,7 +118,14 @@ class _LoopMetric(Collector, Generic[_S]):
         """A new series at zero."""
 
     def labels(self, *values: str) -> _S:
-        """The series of these label values (made on first use, as prometheus_client's)."""
+        """The series of these label values (made on first use, as prometheus_client's).
+
+        A series already made is found by its values as given, with no check or
+        conversion: the hot paths ask for the same few series many times a batch.
+        """
+        series = self._series.get(values)
+        if series is not None:
+            return series
         if len(values) != len(self._labelnames):
             raise ValueError(f"{self._name}: expected labels {self._labelnames}, got {values}")
         key = tuple(str(v) for v in values)
@@ -199,9 +206,6 @@ class LoopHistogram(_LoopMetric[LoopHistogramSeries]):
                     buckets.append((le, cumulative))
                 family.add_metric(key, buckets, series.sum)
         yield family
-
-
-_C = TypeVar("_C", covariant=True)
 
 
 class GatewayMetrics:
@@ -313,35 +317,8 @@ class GatewayMetrics:
             self.connections_rejected.labels(reason)
         self.redis_reconnects = redis_reconnects(r)
         self.ready = ready_gauge(r)
-        # Counted once per frame received: bound once (see Children).
-        self.frame_in = Children(self.frames_in)
-
-
-class _Labelled(Protocol[_C]):
-    def labels(self, *values: str) -> _C: ...
-
-
-class Children(Generic[_C]):
-    """A labelled metric's series, each bound on first use.
-
-    prometheus_client's ``labels()`` checks and converts its values and takes the
-    metric's lock on every call (~1 µs); the worker's batch path asks for the same few
-    series several times a batch. The bound series are as many as the metric's own, so
-    as bounded.
-    """
-
-    __slots__ = ("_bound", "_metric")
-
-    def __init__(self, metric: _Labelled[_C]) -> None:
-        self._metric = metric
-        self._bound: dict[tuple[str, ...], _C] = {}
-
-    def __call__(self, *values: str) -> _C:
-        """The series of ``values``, as ``metric.labels(*values)`` returns it."""
-        child = self._bound.get(values)
-        if child is None:
-            child = self._bound[values] = self._metric.labels(*values)
-        return child
+        # Counted once per frame received.
+        self.frame_in = self.frames_in.labels
 
 
 class WorkerMetrics:
@@ -434,10 +411,10 @@ class WorkerMetrics:
         )
         self.redis_reconnects = redis_reconnects(r)
         self.ready = ready_gauge(r)
-        # The series the batch path counts and times, bound once (see Children).
-        self.event = Children(self.events)
-        self._mongo_op = Children(self.mongo_seconds)
-        self._auth_result = Children(self.auth_cache)
+        # The series the batch path counts and times.
+        self.event = self.events.labels
+        self._mongo_op = self.mongo_seconds.labels
+        self._auth_result = self.auth_cache.labels
 
     # Typed views of the series whose label values are fixed here: a misspelt value fails
     # the type check instead of starting a series no dashboard or priming knows.
