@@ -418,10 +418,6 @@ class WorkerMetrics:
 
     # Typed views of the series whose label values are fixed here: a misspelt value fails
     # the type check instead of starting a series no dashboard or priming knows.
-    def mongo_op(self, op: MongoOp) -> LoopHistogramSeries:
-        """``chat_worker_mongo_seconds{op}``."""
-        return self._mongo_op(op)
-
     async def mongo_call(self, op: MongoOp, call: Awaitable[_T]) -> _T:
         """Await ``call``, a MongoDB operation, timed as ``chat_worker_mongo_seconds{op}``
         (failures too: a timeout is the slowest call of all)."""

@@ -497,7 +497,7 @@ def test_bound_children_are_the_labelled_series() -> None:
     metrics.event("get_history", "success").inc()
     metrics.event("get_history", "success").inc(2)
     metrics.event("send_message", "chat_not_exists").inc()
-    metrics.mongo_op("history").observe(0.002)
+    metrics.mongo_seconds.labels("history").observe(0.002)
     metrics.auth_result("hit").inc(5)
     metrics.retry("redis")
     assert metrics.event("get_history", "success") is metrics.events.labels(

@@ -248,7 +248,12 @@ class Processor:
         # reconnect storm): one query per distinct page, each reply built per reader.
         keys = [_page_key(item.entry) for _, item, _ in reads]
         distinct = list(dict.fromkeys(keys))
-        pages = await asyncio.gather(*(self._page(key) for key in distinct))
+        if len(distinct) == 1:
+            # The usual case, one page: awaited here, without a Task and gather's future
+            # (~10 µs and two passes of the event loop).
+            pages = [await self._page(distinct[0])]
+        else:
+            pages = await asyncio.gather(*(self._page(key) for key in distinct))
         by_key = dict(zip(distinct, pages, strict=True))
         for (index, item, who), key in zip(reads, keys, strict=True):
             outcome.fill(index, item.entry.node, self._history_reply(item, who, by_key[key]))

@@ -308,12 +308,12 @@ class Batch:
         if not self.reads:
             return
         reads, self.reads = self.reads, []
-        pages = await asyncio.gather(
-            *(
-                self.store.history(chat, limit=limit, before=before)
-                for _, _, _, _, chat, _, before, limit in reads
-            )
-        )
+        calls = [
+            self.store.history(chat, limit=limit, before=before)
+            for _, _, _, _, chat, _, before, limit in reads
+        ]
+        # As ours: a single read is awaited without a Task.
+        pages = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         for (slot, node, number, rid, _, user, _, _), page in zip(reads, pages, strict=True):
             views = [message_view(doc, doc["user_id"] == user) for doc in page]
             frame = orjson.dumps(reply("get_history", views, rid))
