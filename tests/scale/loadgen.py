@@ -55,6 +55,8 @@ HIST_NAMES = ("send_reply", "delivery", "history_reply", "join_reply", "send_lag
 # Messages shorter than this are decoded every time: engine.io pings ("2") are answered
 # by the decoder itself, and short frames cost little to decode.
 DECODE_CACHE_MIN = 64
+# Key under which on_frame keeps what a pushed message says (chat, scheduled ns, id, key).
+_SAID = "\x00said"
 
 
 class GcPauses:
@@ -348,13 +350,22 @@ class LoadGen:
             stats.errors["push:" + str(frame.get("type"))] += 1
             return
         for m in frame.get("messages") or ():
-            chat = m.get("chat_id")
-            chat = str(chat) if chat is not None else ""
-            parsed = parse_text(m.get("text") or "")
-            if parsed is None:
+            # What the message says is the same for every member that gets these bytes
+            # (decoded once, see attach): worked out by the first, kept in the message.
+            said = m.get(_SAID)
+            if said is None:
+                chat = m.get("chat_id")
+                parsed = parse_text(m.get("text") or "")
+                said = m[_SAID] = (
+                    str(chat) if chat is not None else "",
+                    parsed[0] if parsed else None,
+                    _int_id(m.get("id")) or -1,
+                    msg_key(parsed[1], parsed[2]) if parsed else 0,
+                )
+            chat, sched, mid, key = said
+            if sched is None:
                 stats.counts["push_unparsed"] += 1
                 continue
-            sched, gid, k = parsed
             micros = (now - sched) // 1000
             stats.delivery.append(micros)
             counts["deliveries"] += 1
@@ -369,8 +380,8 @@ class LoadGen:
             if ids is None:
                 stats.counts["push_foreign_chat"] += 1
                 continue
-            ids.append(_int_id(m.get("id")) or -1)
-            client.recv_keys[chat].append(msg_key(gid, k))
+            ids.append(mid)
+            client.recv_keys[chat].append(key)
 
     def attach(self, client: Client, ws: WsClient) -> None:
         """Hand every later message of ``ws`` to :meth:`on_frame` as it is parsed."""
@@ -383,7 +394,7 @@ class LoadGen:
             now = time.monotonic_ns()
             if data == last[0]:
                 # A room's push reaches every member as the same bytes, one after the
-                # other: decoded once, not once per member (on_frame only reads it).
+                # other: decoded once, not once per member (on_frame only adds its _SAID).
                 frames = last[1]
             else:
                 try:

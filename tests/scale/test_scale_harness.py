@@ -137,6 +137,32 @@ def test_verify_against_storage() -> None:
     assert "out_of_order_ids" in out["failures"]
 
 
+def test_a_push_decoded_once_is_counted_for_every_member() -> None:
+    """A room's push is decoded once and handed to each member's socket as the same
+    objects: each member logs the delivery, the message's id and its key, and a push
+    the generator did not write is counted unparsed for each member that gets it."""
+    from tests.scale.loadgen import LoadGen
+
+    specs = [
+        {"gid": g, "user_id": f"u{g}", "token": "t", "url": 0, "chats": ["room"]} for g in (1, 2)
+    ]
+    gen = LoadGen({"run_tag": "t", "clients": specs, "urls": ["ws://x/ws"]})
+    sched = 1_000_000_000
+    message = {"id": "7", "chat_id": "room", "text": make_text(sched, 5, 3, 0)}
+    push = {"type": "success", "messages": [message]}
+    for client in gen.clients:
+        gen.on_frame(client, push, sched + 2_000_000)
+    assert gen.stats.counts["deliveries"] == 2
+    for client in gen.clients:
+        assert list(client.recv_ids["room"]) == [7]
+        assert list(client.recv_keys["room"]) == [msg_key(5, 3)]
+    stray = {"type": "success", "messages": [{"id": "8", "chat_id": "room", "text": "hi"}]}
+    for client in gen.clients:
+        gen.on_frame(client, stray, sched)
+    assert gen.stats.counts["push_unparsed"] == 2
+    assert gen.stats.counts["deliveries"] == 2
+
+
 def test_socketio_adapter_decodes_engineio_packets() -> None:
     from tests.scale.loadgen import SocketIOAdapter
 
