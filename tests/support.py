@@ -310,6 +310,32 @@ class Stack:
         return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in self._logs if p.exists())
 
 
+@dataclass
+class Pair:
+    """Alice and Bob in a chat of their own, on one worker and one gateway."""
+
+    alice: str
+    bob: str
+    chat: str
+    url: str
+    a_token: str  # for more of Alice's sockets
+    a: Client  # Alice's socket, not yet authorised for the chat
+    b: Client  # Bob's socket, authorised for the chat's pushes
+
+
+async def alice_and_bob(stack: Stack, seed: Seeder) -> Pair:
+    """A :class:`Pair` with its servers started."""
+    alice, a_token = await seed.user("Alice")
+    bob, b_token = await seed.user("Bob")
+    chat = await seed.chat(alice, bob)
+    await stack.worker()
+    url = await stack.gateway()
+    a = await stack.client(url, a_token)
+    b = await stack.client(url, b_token)
+    await b.join(chat)
+    return Pair(alice, bob, chat, url, a_token, a, b)
+
+
 async def mongo_store(settings: Settings) -> tuple[Any, Store]:
     """A client and store for the test's database (the caller closes the client)."""
     client = create_client(settings.mongo_url, appname="tests")

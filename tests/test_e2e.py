@@ -17,7 +17,7 @@ from shared import protocol
 from shared.codec import StreamEntry, token_digest
 from shared.config import Settings
 from shared.keys import Keys
-from tests.support import ROOT, Seeder, Stack
+from tests.support import ROOT, Seeder, Stack, alice_and_bob
 
 SEED_TOKEN = "b58f7d184743106a8a66028b7a28937c"
 SEED_DOC = (
@@ -280,15 +280,10 @@ async def test_a_sends_reply_rides_on_its_push_unless_the_gateway_predates_it(
             return entry
 
         monkeypatch.setattr(worker.consumer, "decode_stream_entry", previous_release)
-    alice, a_token = await seed.user("Alice")
-    bob, b_token = await seed.user("Bob")
-    chat = await seed.chat(alice, bob)
-    await stack.worker()
-    url = await stack.gateway()
-    a1 = await stack.client(url, a_token)
-    a2 = await stack.client(url, a_token)
-    b = await stack.client(url, b_token)
-    for client in (a1, a2, b):
+    pair = await alice_and_bob(stack, seed)
+    chat, a1, b = pair.chat, pair.a, pair.b
+    a2 = await stack.client(pair.url, pair.a_token)
+    for client in (a1, a2):
         await client.join(chat)
     keys = Keys(settings.redis_prefix)
     watch = redis.pubsub()

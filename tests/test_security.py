@@ -46,7 +46,7 @@ from shared import protocol
 from shared.codec import Revocation, token_digest
 from shared.config import ConfigError, Settings
 from shared.logs import JsonFormatter
-from tests.support import Client, Seeder, Stack
+from tests.support import Seeder, Stack, alice_and_bob
 from worker import admin
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -958,31 +958,6 @@ async def test_members_of_one_chat_never_see_another_chats_traffic(
     assert [m["text"] for m in history["messages"]] == [f"secret {i}" for i in range(20)]
     # A look-alike id is another (missing) chat, not a way in.
     assert (await c.request("get_history", chat_a + " "))["type"] == "chat_not_exists"
-
-
-@dataclass
-class Pair:
-    """Alice and Bob in a chat of their own, on one worker and one gateway."""
-
-    alice: str
-    bob: str
-    chat: str
-    url: str
-    a: Client  # Alice's socket, not yet authorised for the chat
-    b: Client  # Bob's socket, authorised for the chat's pushes
-
-
-async def alice_and_bob(stack: Stack, seed: Seeder) -> Pair:
-    """A :class:`Pair` with its servers started."""
-    alice, a_token = await seed.user("Alice")
-    bob, b_token = await seed.user("Bob")
-    chat = await seed.chat(alice, bob)
-    await stack.worker()
-    url = await stack.gateway()
-    a = await stack.client(url, a_token)
-    b = await stack.client(url, b_token)
-    await b.join(chat)
-    return Pair(alice, bob, chat, url, a, b)
 
 
 async def test_removed_member_stops_within_the_ttl_and_gets_no_more_pushes(
