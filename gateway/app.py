@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import WebSocketError, WSMessage, WSMsgType, web
+from pymongo import AsyncMongoClient
 
 from shared import protocol
 from shared.config import ConfigError, Settings
@@ -25,6 +26,8 @@ from shared.metrics import (
     prime_gateway,
     render,
 )
+from shared.mongo import HistoryReader, create_client, wire_client
+from shared.wire import Doc
 
 from .connection import TRANSPORT_HIGH_WATER, Connection
 from .drain import Drain
@@ -49,6 +52,7 @@ GUARD = web.AppKey("guard", Guard)
 LIMITS = web.AppKey("limits", protocol.Limits)
 ON_SLOW = web.AppKey[Callable[[Connection], None]]("on_slow")
 RATE_LIMITED_DETAIL = web.AppKey("rate_limited_detail", str)
+HISTORY_READER = web.AppKey("history_reader", HistoryReader)
 
 BINARY_ERROR = protocol.ProtocolError(
     protocol.BAD_REQUEST, "Binary frames are not supported: send JSON in text frames"
@@ -80,6 +84,7 @@ def create_app(settings: Settings) -> web.Application:
     app[ON_SLOW] = on_slow
     prime_gateway(app[METRICS])
     app[DRAIN] = Drain(settings, app[METRICS])
+    app.cleanup_ctx.append(_history_ctx)
     app.cleanup_ctx.append(_hub_ctx)
     app.router.add_get("/", root)
     app.router.add_get("/ws", websocket)
@@ -90,6 +95,22 @@ def create_app(settings: Settings) -> web.Application:
     if STATIC_DIR.is_dir():
         app.router.add_static("/static/", STATIC_DIR, append_version=False)
     return app
+
+
+async def _history_ctx(app: web.Application) -> AsyncIterator[None]:
+    """MongoDB for the pages this node reads itself (GATEWAY_READS_HISTORY)."""
+    settings = app[SETTINGS]
+    if not settings.gateway_reads_history:
+        log.info("GATEWAY_READS_HISTORY is off: workers read every history page")
+        yield
+        return
+    client: AsyncMongoClient[Doc] = create_client(settings.mongo_url, appname="chat-gateway")
+    wire = wire_client(client, settings, calls="history pages")
+    app[HISTORY_READER] = HistoryReader(client[settings.mongo_database]["messages"], wire)
+    yield
+    if wire is not None:
+        wire.close()
+    await client.close()
 
 
 async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -117,7 +138,7 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
             writes=hub.writes,
         )
 
-    hub = Hub(settings, producer, metrics, subscriber_for)
+    hub = Hub(settings, producer, metrics, subscriber_for, app.get(HISTORY_READER))
     app[HUB] = hub
     tasks = [
         asyncio.create_task(producer.run(), name="xadd-producer"),

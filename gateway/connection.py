@@ -47,10 +47,15 @@ class ChatState:
     them: the socket's own replies while a gap in front of them is being filled.
     """
 
-    __slots__ = ("digest", "expires_at", "held", "last_seq", "user_id")
+    __slots__ = ("digest", "expires_at", "granted_at", "held", "last_seq", "user_id")
 
     def __init__(
-        self, user_id: str, last_seq: int, digest: str, expires_at: float | None = None
+        self,
+        user_id: str,
+        last_seq: int,
+        digest: str,
+        expires_at: float | None = None,
+        granted_at: float = 0.0,
     ) -> None:
         self.user_id = user_id
         self.last_seq = last_seq
@@ -59,6 +64,9 @@ class ChatState:
         self.digest = digest
         # When that token expires (unix seconds; None: never): no pushes after it.
         self.expires_at = expires_at
+        # When a worker last confirmed the grant (monotonic): the node reads history
+        # pages itself only within AUTH_CACHE_TTL_SECONDS of it.
+        self.granted_at = granted_at
         self.held: dict[int, bytes] | None = None
 
     def hold(self, seq: int, frame: bytes) -> None:
@@ -129,6 +137,7 @@ class Connection:
         "close_code",
         "closed",
         "conn_id",
+        "in_flight",
         "on_slow",
         "peer",
         "raw_ok",
@@ -154,6 +163,8 @@ class Connection:
         self.peer = peer
         self.chats: dict[str, ChatState] = {}
         self.closed = False
+        # Requests of this socket forwarded and not answered yet.
+        self.in_flight = 0
         # The code this side chose when it closed the socket (None: the peer closed).
         self.close_code: int | None = None
         self.on_slow = on_slow

@@ -37,7 +37,9 @@ from shared.codec import (
 )
 from shared.config import Settings
 from shared.keys import Keys, partition_of
+from shared.logs import describe_error
 from shared.metrics import GRANT_END_REASONS, GatewayMetrics
+from shared.mongo import HistoryReader
 
 from .connection import ChatState, Connection, WriteBatch, text_frame
 from .producer import StreamProducer
@@ -52,6 +54,13 @@ MAX_FILL_BUFFER = 10_000
 # oldest are forgotten first.
 MAX_REMEMBERED_REVOCATIONS = 10_000
 MAX_FILL_ATTEMPTS = 3
+# History pages read from MongoDB at once by one node; more go to the workers.
+MAX_DIRECT_READS = 16
+# Seconds a page read may take (a page normally takes a millisecond or two); after it,
+# or any other failure, the request goes to a worker.
+READ_TIMEOUT = 1.0
+# Seconds this node leaves MongoDB alone after a page read failed (workers answer).
+READER_PAUSE = 5.0
 # Seconds before its deadline a request may be answered server_error (timer rounding).
 EXPIRY_SLACK = 0.001
 
@@ -88,6 +97,7 @@ class Hub:
         producer: StreamProducer,
         metrics: GatewayMetrics,
         subscriber_factory: Callable[[Hub], Subscriber],
+        reader: HistoryReader | None = None,
     ) -> None:
         self.settings = settings
         self.keys = Keys(settings.redis_prefix)
@@ -106,6 +116,14 @@ class Hub:
         self._ids = itertools.count(1)
         self._req_ids = itertools.count(1)
         self._fills: dict[str, Fill] = {}
+        # History pages this node reads itself (GATEWAY_READS_HISTORY), and the sockets
+        # whose page is being read (bounded: beyond it, pages go to the workers).
+        self.reader = reader
+        self._reading: set[int] = set()
+        self._reader_off_until = 0.0
+        self._history_here = metrics.history_reads.labels("gateway")
+        self._history_by_worker = metrics.history_reads.labels("worker")
+        self._read_seconds = metrics.history_read_seconds
         # (chat, user) pairs and token digests -> until when (monotonic) grants for them are
         # refused. Workers cache members and tokens for AUTH_CACHE_TTL_SECONDS, and a
         # request may be answered up to REQUEST_TIMEOUT_SECONDS after it was read.
@@ -153,7 +171,18 @@ class Hub:
         conn.send(frame)
 
     async def submit(self, conn: Connection, request: protocol.Request, received_at: float) -> None:
-        """Forward a validated request to its partition stream; its reply comes later."""
+        """Forward a validated request to its partition stream; its reply comes later.
+
+        A ``get_history`` that this node may serve itself (:meth:`_reads_here`) is read
+        from MongoDB here instead, and forwarded only if that read fails.
+        """
+        digest = token_digest(request.token)
+        if request.event_type == protocol.GET_HISTORY:
+            if self._reads_here(conn, request, digest) and await self._read_here(
+                conn, request, received_at
+            ):
+                return
+            self._history_by_worker.inc()
         channel = self.keys.chat_channel(request.chat_id)
         try:
             await self.subscriber.acquire(channel)
@@ -167,9 +196,86 @@ class Hub:
             request.event_type,
             request.message,
             request.request_id,
-            token_digest(request.token),
+            digest,
             received_at,
         )
+
+    def _reads_here(self, conn: Connection, request: protocol.Request, digest: str) -> bool:
+        """Whether this node may read the page of a ``get_history`` itself.
+
+        Only for a socket a worker has authorised for the chat with this very token,
+        lately enough that the worker would still answer from its cache
+        (AUTH_CACHE_TTL_SECONDS), with no revocation or expiry since; with none of its
+        own requests in flight, so every send it was answered for is stored; and with no
+        gap being filled, so the pushes it was sent are every message up to its last
+        id. Anything else goes to the worker, which decides as before.
+        """
+        if self.reader is None or conn.in_flight or len(self._reading) >= MAX_DIRECT_READS:
+            return False
+        if self._reader_off_until > time.monotonic():
+            return False
+        chat_id = request.chat_id
+        state = conn.chats.get(chat_id)
+        if state is None or state.digest != digest or state.held is not None:
+            return False
+        if chat_id in self._fills:
+            return False
+        if state.granted_at + self.settings.auth_cache_ttl <= time.monotonic():
+            return False
+        if state.expires_at is not None and state.expires_at <= time.time():
+            return False
+        return not self._is_revoked(chat_id, state.user_id, digest)
+
+    async def _read_here(
+        self, conn: Connection, request: protocol.Request, received_at: float
+    ) -> bool:
+        """Answer a ``get_history`` from MongoDB; False (nothing sent) when it could not.
+
+        The page stops at the socket's last pushed id: what it shows, the socket was
+        also pushed, as when a worker answers (its pushes go out before its pages).
+        """
+        assert self.reader is not None
+        chat_id = request.chat_id
+        state = conn.chats[chat_id]
+        query = request.message or {}
+        self._reading.add(conn.conn_id)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(min(READ_TIMEOUT, self.settings.request_timeout / 2)):
+                page = await self.reader.history(
+                    chat_id,
+                    limit=query.get("limit", protocol.HISTORY_DEFAULT_LIMIT),
+                    before=query.get("before_id"),
+                    after=query.get("after_id"),
+                    upto=state.last_seq,
+                )
+        except Exception as exc:
+            # The worker answers instead; MongoDB is left alone here for a while, so an
+            # outage costs each read one attempt at most, not one per request.
+            self._reader_off_until = time.monotonic() + READER_PAUSE
+            self.metrics.history_read_errors.inc()
+            log.warning(
+                "reading a history page failed; workers answer pages for %.0f s",
+                READER_PAUSE,
+                extra={"error": describe_error(exc)},
+            )
+            return False
+        finally:
+            self._reading.discard(conn.conn_id)
+        self._read_seconds.observe(time.monotonic() - started)
+        if conn.closed:
+            return True
+        if conn.chats.get(chat_id) is not state or self._is_revoked(
+            chat_id, state.user_id, state.digest
+        ):
+            return False  # revoked meanwhile: the worker decides
+        frame = protocol.history_frame(page, state.user_id, request.request_id)
+        self._history_here.inc()
+        self._latency[protocol.GET_HISTORY].observe(time.monotonic() - received_at)
+        self._replies[protocol.SUCCESS].inc()
+        self._out_reply.inc()
+        conn.send(frame)
+        return True
 
     def _forward(
         self,
@@ -211,6 +317,8 @@ class Hub:
         self.pending[req] = Pending(
             conn, chat_id, event_type, request_id, received_at, digest, deadline, fill=fill
         )
+        if not fill:
+            conn.in_flight += 1
         if self._expiry is None:
             self._expiry = loop.call_at(deadline, self._expire)
         return True
@@ -250,7 +358,7 @@ class Hub:
             self._expiry = None
 
     def _timeout(self, req: int) -> None:
-        pending = self.pending.pop(req, None)
+        pending = self._take(req)
         if pending is None:
             return
         self.subscriber.release(self.keys.chat_channel(pending.chat_id))
@@ -260,6 +368,13 @@ class Hub:
         self.metrics.request_timeouts.inc()
         self._observe(pending)
         self._fail(pending.conn, pending.event_type, pending.request_id, protocol.DETAIL_TIMEOUT)
+
+    def _take(self, req: int) -> Pending | None:
+        """Take request ``req`` out of ``pending`` (None when it is not there)."""
+        pending = self.pending.pop(req, None)
+        if pending is not None and not pending.fill:
+            pending.conn.in_flight -= 1
+        return pending
 
     def _observe(self, pending: Pending) -> None:
         self._latency[pending.event_type].observe(time.monotonic() - pending.received_at)
@@ -288,7 +403,7 @@ class Hub:
 
     def _on_reply(self, data: bytes) -> None:
         reply = decode_reply_envelope(data)
-        pending = self.pending.pop(reply.req, None)
+        pending = self._take(reply.req)
         if pending is None:
             return  # timed out already: the client was told; a second reply would confuse it
         self._answer(pending, reply.frame, reply.grant, reply.revoke)
@@ -296,7 +411,7 @@ class Hub:
     def _on_carried_reply(self, push: Push, req: int) -> None:
         """Answer request ``req`` of this node from the push of the message it stored
         (handled before the push itself, as a reply on the node channel would be)."""
-        pending = self.pending.pop(req, None)
+        pending = self._take(req)
         if pending is None:
             return  # timed out already, or a redelivered entry's push: answered before
         frame = push.mine
@@ -381,7 +496,7 @@ class Hub:
             return True
         if state is None:
             conn.chats[grant.chat_id] = ChatState(
-                grant.user_id, grant.head, pending.digest, grant.expires_at
+                grant.user_id, grant.head, pending.digest, grant.expires_at, time.monotonic()
             )
             self.chats.setdefault(grant.chat_id, {})[conn.conn_id] = conn
             # The socket keeps its own reference on the channel while authorised.
@@ -390,6 +505,7 @@ class Hub:
         state.user_id = grant.user_id
         state.digest = pending.digest
         state.expires_at = grant.expires_at
+        state.granted_at = time.monotonic()
         if pending.event_type not in protocol.SEND_EVENTS:
             # A history page changes nothing about which pushes this socket has had.
             return True

@@ -59,6 +59,7 @@ class Settings:
     heartbeat_seconds: float = 30.0
     websocket_compression: bool = False
     xadd_batch: int = 256
+    gateway_reads_history: bool = True
     # Graceful drain on SIGTERM: the whole drain is bounded by drain_timeout; sockets are
     # closed drain_batch_size at a time, drain_batch_interval apart, so their clients do
     # not all reconnect to the other gateways in the same instant.
@@ -170,6 +171,7 @@ _ENV_NAMES: dict[str, str] = {
     "heartbeat_seconds": "HEARTBEAT_SECONDS",
     "websocket_compression": "WEBSOCKET_COMPRESSION",
     "xadd_batch": "XADD_BATCH",
+    "gateway_reads_history": "GATEWAY_READS_HISTORY",
     "drain_timeout": "DRAIN_TIMEOUT_SECONDS",
     "drain_batch_size": "DRAIN_BATCH_SIZE",
     "drain_batch_interval": "DRAIN_BATCH_INTERVAL_SECONDS",

@@ -68,8 +68,10 @@ def describe_error(exc: BaseException) -> str:
     reduced to their type and error codes. Anything else keeps its first 200 characters.
     """
     details = getattr(exc, "details", None)
-    if type(exc).__module__.startswith("pymongo") and details is not None:
-        errors = details.get("writeErrors") if isinstance(details, dict) else None
+    # Only a server's reply (a dict) can quote a document; a server selection timeout's
+    # details are a list of the servers tried, and its message describes only them.
+    if type(exc).__module__.startswith("pymongo") and isinstance(details, dict):
+        errors = details.get("writeErrors")
         codes = sorted({e.get("code") for e in errors or ()} or {details.get("code")})
         return f"{type(exc).__name__}(codes={codes})"
     return f"{type(exc).__name__}: {str(exc)[:200]}"

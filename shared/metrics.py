@@ -307,6 +307,25 @@ class GatewayMetrics:
             "Frames refused with rate_limited (over the per-socket rate).",
             registry=r,
         )
+        self.history_reads = LoopCounter(
+            "chat_gateway_history_reads",
+            "get_history requests by who read the page: this gateway from MongoDB "
+            "(by=gateway) or a worker (by=worker).",
+            ["by"],
+            registry=r,
+        )
+        self.history_read_errors = Counter(
+            "chat_gateway_history_read_errors",
+            "History pages this gateway failed to read from MongoDB (workers answered them, "
+            "and the next ones for a few seconds).",
+            registry=r,
+        )
+        self.history_read_seconds = LoopHistogram(
+            "chat_gateway_history_read_seconds",
+            "This gateway's reads of a history page from MongoDB.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.connections_rejected = Counter(
             "chat_gateway_connections_rejected",
             "WebSocket handshakes refused, by reason (origin|per_ip).",
@@ -488,6 +507,8 @@ def prime_gateway(metrics: GatewayMetrics) -> None:
     metrics.redis_reconnects.labels(REDIS_COMPONENT_GATEWAY)
     for reason in GRANT_END_REASONS:
         metrics.grants_revoked.labels(reason)
+    for by in ("gateway", "worker"):
+        metrics.history_reads.labels(by)
 
 
 def prime_worker(metrics: WorkerMetrics) -> None:

@@ -8,7 +8,7 @@ an old client that never sends them sees exactly the seed's shapes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -402,3 +402,10 @@ def message_view(doc: Mapping[str, Any], is_my: bool) -> dict[str, Any]:
     if doc.get("client_msg_id") is not None:
         view["client_msg_id"] = doc["client_msg_id"]
     return view
+
+
+def history_frame(page: Sequence[Mapping[str, Any]], user_id: str, request_id: str | None) -> bytes:
+    """The reply to a ``get_history``: ``page`` (stored messages, oldest first) as
+    ``user_id`` sees it. Built by a worker, or by a gateway that read the page itself."""
+    messages = [message_view(doc, doc["user_id"] == user_id) for doc in page]
+    return encode_reply(SUCCESS, GET_HISTORY, messages, None, request_id)

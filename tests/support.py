@@ -29,7 +29,8 @@ import worker.app
 from deploy.local.servers import free_port
 from shared.codec import token_digest
 from shared.config import Settings, env_names
-from worker.store import Store, create_client
+from shared.mongo import create_client
+from worker.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 REPLY_TIMEOUT = 10.0
@@ -308,6 +309,20 @@ class Stack:
     def logs(self) -> str:
         """Tail of every child process log (for failure messages)."""
         return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in self._logs if p.exists())
+
+
+def app_of(stack: Stack, base_url: str) -> web.Application:
+    """The in-process application behind a URL from ``stack.gateway()``."""
+    for server in stack._servers:
+        if str(server.make_url("/")) == base_url:
+            return server.app
+    raise AssertionError(f"no in-process server at {base_url}")
+
+
+def sample(app: web.Application, name: str, **labels: str) -> float:
+    """A metric's current value on a gateway (0 when the series does not exist yet)."""
+    value = app[gateway.app.METRICS].registry.get_sample_value(name, labels)
+    return float(value or 0.0)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import orjson
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, ServerSelectionTimeoutError
 
 from shared.logs import JsonFormatter, describe_error
 
@@ -33,6 +33,10 @@ def test_mongo_write_errors_lose_their_documents() -> None:
 def test_other_errors_keep_a_bounded_message() -> None:
     described = describe_error(ConnectionError("x" * 1000))
     assert described.startswith("ConnectionError: ") and len(described) < 230
+    # Its details are the servers tried (a list), not a server's reply.
+    selection = ServerSelectionTimeoutError("127.0.0.1:9: connection refused", [{"x": 1}])
+    described = describe_error(selection)
+    assert described == "ServerSelectionTimeoutError: 127.0.0.1:9: connection refused"
 
 
 def test_json_formatter_one_object_per_line_with_extra_fields() -> None:

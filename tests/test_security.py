@@ -29,7 +29,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from gateway.app import GUARD, HUB, METRICS
+from gateway.app import GUARD, HUB
 from gateway.connection import TRANSPORT_HIGH_WATER
 from gateway.limits import (
     ConnectionCounter,
@@ -46,7 +46,7 @@ from shared import protocol
 from shared.codec import Revocation, token_digest
 from shared.config import ConfigError, Settings
 from shared.logs import JsonFormatter
-from tests.support import Seeder, Stack, alice_and_bob
+from tests.support import Seeder, Stack, alice_and_bob, app_of, sample
 from worker import admin
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -171,20 +171,6 @@ class RawSocket:
     def close(self) -> None:
         """Drop the TCP connection."""
         self.writer.transport.abort()
-
-
-def app_of(stack: Stack, base_url: str) -> web.Application:
-    """The in-process application behind a URL from ``stack.gateway()``."""
-    for server in stack._servers:
-        if str(server.make_url("/")) == base_url:
-            return server.app
-    raise AssertionError(f"no in-process server at {base_url}")
-
-
-def sample(app: web.Application, name: str, **labels: str) -> float:
-    """A metric's current value on a gateway (0 when the series does not exist yet)."""
-    value = app[METRICS].registry.get_sample_value(name, labels)
-    return float(value or 0.0)
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.store import client_options, create_client, names_write_concern
+from shared.mongo import client_options, create_client, names_write_concern
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The lean MongoDB connection (worker/wire.py) against real mongod servers.
+"""The lean MongoDB connection (shared/wire.py) against real mongod servers.
 
 What it must do is what PyMongo does for the same call: the same documents stored and
 read, the same exceptions for duplicates, lost connections and a primary stepping down,
@@ -36,20 +36,21 @@ from pymongo.uri_parser import parse_uri
 
 from deploy.local.servers import LOOPBACK, LocalServer, free_port, mongo_server
 from shared.config import Settings
-from tests.conftest import Servers
-from tests.scale.common import with_query
-from tests.support import message_docs
-from worker.app import wire_client
-from worker.processor import _duplicate_index
-from worker.store import Doc, Store, create_client
-from worker.wire import (
+from shared.mongo import create_client, wire_client
+from shared.wire import (
     COMMAND_ROOM,
+    Doc,
     WireClient,
     WireConnection,
     not_primary,
     tls_context,
     unsupported,
 )
+from tests.conftest import Servers
+from tests.scale.common import with_query
+from tests.support import message_docs
+from worker.processor import _duplicate_index
+from worker.store import Store
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -572,7 +573,7 @@ async def test_the_worker_takes_the_lean_path_only_where_it_may(
     settings = Settings(mongo_url=url, mongo_wire=enabled)
     client = create_client(url)
     try:
-        with caplog.at_level(logging.INFO, logger="worker.app"):
+        with caplog.at_level(logging.INFO, logger="shared.mongo"):
             wire = wire_client(client, settings)
         assert (wire is not None) == lean
         assert ("lean MongoDB connection" in caplog.text) == lean

@@ -33,9 +33,10 @@ from redis.exceptions import RedisError
 from shared.codec import Admission, ControlMessage, Revocation, encode_control, token_digest
 from shared.config import Settings
 from shared.keys import Keys
+from shared.mongo import create_client
 from shared.protocol import check_media_url, normalise_id, normalise_url_prefixes
 
-from .store import Store, create_client
+from .store import Store
 
 
 class AdminError(Exception):

@@ -30,14 +30,15 @@ from shared.metrics import (
     prime_worker,
     render,
 )
+from shared.mongo import create_client, wire_client
 from shared.redis_client import create_redis
+from shared.wire import Doc
 
 from .auth import Authenticator
 from .consumer import Consumer
 from .partitions import PartitionManager
 from .processor import Counters, Processor
-from .store import Doc, Store, create_client
-from .wire import WireClient, unsupported
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +103,6 @@ async def _mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     if wire is not None:
         wire.close()
     await client.close()
-
-
-def wire_client(client: AsyncMongoClient[Doc], settings: Settings) -> WireClient | None:
-    """The lean connection for inserts and pages, when MONGO_WIRE is on and the URL allows
-    it (logged either way: which client makes the hot-path calls matters when reading a
-    profile or a MongoDB log)."""
-    if not settings.mongo_wire:
-        log.info("MONGO_WIRE is off: PyMongo makes every MongoDB call")
-        return None
-    reason = unsupported(settings.mongo_url)
-    if reason is not None:
-        log.info("MONGO_URL asks for %s: PyMongo makes every MongoDB call", reason)
-        return None
-    log.info("inserts and history pages go over the lean MongoDB connection (MONGO_WIRE)")
-    return WireClient(client, settings.mongo_url, settings.mongo_database)
 
 
 async def _consumer_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -22,9 +22,10 @@ from typing import Any
 from shared import protocol
 from shared.codec import Grant, Push, Reply, StreamEntry
 from shared.metrics import WorkerMetrics
+from shared.wire import Doc
 
 from .auth import Authenticator, Identity
-from .store import CLIENT_KEY_INDEX, SEQ_INDEX, Doc, Store
+from .store import CLIENT_KEY_INDEX, SEQ_INDEX, Store
 
 log = logging.getLogger(__name__)
 
@@ -278,10 +279,7 @@ class Processor:
         entry = item.entry
         head = self.counters.get(entry.chat_id)
         user = identity.user_id
-        messages = [protocol.message_view(doc, doc["user_id"] == user) for doc in page]
-        frame = protocol.encode_reply(
-            protocol.SUCCESS, entry.event_type, messages, None, entry.request_id
-        )
+        frame = protocol.history_frame(page, user, entry.request_id)
         grant = Grant(entry.chat_id, user, head, identity.expires_at)
         self.metrics.event(entry.event_type, protocol.SUCCESS).inc()
         return Reply(entry.conn, entry.req, frame, grant=grant)

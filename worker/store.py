@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.uri_parser import split_options
 
-from .wire import WireClient
-
-Doc = dict[str, Any]
+from shared.mongo import HistoryReader
+from shared.wire import Doc, WireClient
 
 # Unique per chat: a stale partition owner that reuses a sequence id fails to insert.
 SEQ_INDEX = "chat_seq_unique"
@@ -30,51 +27,10 @@ SEQ_INDEX = "chat_seq_unique"
 CLIENT_KEY_INDEX = "client_msg_unique"
 
 
-def create_client(url: str, **kwargs: Any) -> AsyncMongoClient[Doc]:
-    """An async client with short timeouts: the worker retries rather than hangs."""
-    return AsyncMongoClient(url, **client_options(url, **kwargs))
-
-
-def client_options(url: str, **kwargs: Any) -> dict[str, Any]:
-    """The keyword options of :func:`create_client`'s client for ``url``.
-
-    Writes wait for MongoDB's journal (``j: true``) unless ``url`` names a write concern
-    itself (``w=`` or ``journal=``): a send is acknowledged only once it is stored, and
-    with MongoDB's default (``w: 1`` alone) a mongod crash can lose the last ~100 ms of
-    acknowledged writes, which no client would ever send again.
-    """
-    defaults: dict[str, Any] = {
-        "serverSelectionTimeoutMS": 3000,
-        "connectTimeoutMS": 3000,
-        "socketTimeoutMS": 10000,
-        "retryWrites": False,  # a standalone mongod has no retryable writes
-        "appname": "chat-worker",
-    }
-    # PyMongo lets keyword options override the URL's: the URL's own choices win here.
-    named = {name.lower() for name in _url_options(url)}
-    options = {name: value for name, value in defaults.items() if name.lower() not in named}
-    if not names_write_concern(url):
-        options["journal"] = True
-    options.update(kwargs)
-    return options
-
-
-def _url_options(url: str) -> dict[str, Any]:
-    query = url.partition("?")[2]
-    return dict(split_options(query)) if query else {}
-
-
-def names_write_concern(url: str) -> bool:
-    """True when the MongoDB URI's options set ``w`` or ``journal`` (read by PyMongo's
-    own option parser: case-insensitive names, ``&`` or ``;`` between options)."""
-    options = _url_options(url)
-    return "w" in options or "journal" in options
-
-
 class Store:
     """The chat's collections in one database.
 
-    With a :class:`~worker.wire.WireClient`, the two calls made per batch (inserting
+    With a :class:`~shared.wire.WireClient`, the two calls made per batch (inserting
     messages, reading a page) go over its lean connection; everything else, and both of
     those without one, through PyMongo.
     """
@@ -87,6 +43,7 @@ class Store:
         self.chats: AsyncCollection[Doc] = db["chats"]
         self.messages: AsyncCollection[Doc] = db["messages"]
         self.counters: AsyncCollection[Doc] = db["counters"]
+        self.pages = HistoryReader(self.messages, wire)
 
     async def ensure_indexes(self) -> None:
         """Create the indexes the code relies on (idempotent)."""
@@ -184,26 +141,8 @@ class Store:
         before: int | None = None,
         after: int | None = None,
     ) -> list[Doc]:
-        """A page of a chat, oldest first: after ``after`` (ascending) or the latest before
-        ``before`` (or the latest of all)."""
-        query: Doc = {"chat_id": chat_id}
-        bounds: Doc = {}
-        if after is not None:
-            bounds["$gt"] = after
-        if before is not None:
-            bounds["$lt"] = before
-        if bounds:
-            query["seq"] = bounds
-        order = ASCENDING if after is not None else DESCENDING
-        if self.wire is not None:
-            page = await self.wire.find("messages", query, sort={"seq": order}, limit=limit)
-        else:
-            # to_list takes the whole batch in one await; iterating the cursor costs a
-            # coroutine step per document (~10 % of the client CPU of a page of 50).
-            page = await self.messages.find(query).sort("seq", order).limit(limit).to_list()
-        if order == DESCENDING:
-            page.reverse()
-        return page
+        """A page of a chat, oldest first (:meth:`shared.mongo.HistoryReader.history`)."""
+        return await self.pages.history(chat_id, limit=limit, before=before, after=after)
 
     # -- admin -------------------------------------------------------------------
 

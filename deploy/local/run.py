@@ -22,7 +22,8 @@ from urllib.parse import urlencode
 from deploy.local.servers import LocalServer, SetupError, mongo_server, redis_server, require_free
 from shared.codec import token_digest
 from shared.config import Settings
-from worker.store import Store, create_client
+from shared.mongo import create_client
+from worker.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / ".var" / "run"

@@ -1,5 +1,5 @@
 """Client CPU of the worker's two per-batch MongoDB calls, through PyMongo and through the
-lean connection (worker/wire.py), against a mongod of its own on loopback.
+lean connection (shared/wire.py), against a mongod of its own on loopback.
 
     python -m tests.scale.mongo_calls [--calls 2000] [--docs 1,6,30] [--page 50]
 
@@ -21,9 +21,10 @@ from pathlib import Path
 import uvloop
 
 from deploy.local.servers import free_port, mongo_server
+from shared.mongo import create_client
+from shared.wire import Doc, WireClient
 from tests.support import message_docs
-from worker.store import Doc, Store, create_client
-from worker.wire import WireClient
+from worker.store import Store
 
 
 def _docs(chat: str, first: int, count: int) -> list[Doc]:

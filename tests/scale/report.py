@@ -12,11 +12,11 @@ from typing import Any
 
 from pymongo import MongoClient
 
+from shared.mongo import client_options
 from tests.scale import goals
 from tests.scale import probe as probing
 from tests.scale.common import fd_limit, with_query
 from tests.scale.procs import ROOT
-from worker.store import client_options
 
 LAT_KEYS = ("p50", "p90", "p99", "p99_9", "max")
 

@@ -4,7 +4,7 @@ Gateways (K processes) take ``send_message`` frames and XADD them to partition s
 through ours' batching producer (gateway.producer). One worker reads every stream in a
 consumer group, gives each message its chat's next id, inserts the batch into MongoDB
 with ours' indexes and write concern (journaled) over ours' lean connection
-(worker.wire), then PUBLISHes one frame per message on the chat's channel and XACKs the
+(shared.wire), then PUBLISHes one frame per message on the chat's channel and XACKs the
 batch. Every gateway with a socket in the chat gets that frame: the sender's gateway
 writes the reply, and each gateway pushes to its other members.
 
@@ -43,13 +43,14 @@ from gateway.connection import text_frame
 from gateway.producer import StreamProducer
 from shared.codec import entry_payload
 from shared.keys import partition_of
+from shared.mongo import client_options
 from shared.protocol import message_view
 from shared.resp import RespConnection, RespError
 from shared.runtime import settle_gc
+from shared.wire import WireClient
 from tests.scale.peers import serve
 from tests.scale.peers.frames import error, reply, requests
-from worker.store import Store, client_options
-from worker.wire import WireClient
+from worker.store import Store
 
 GROUP = "chain"
 PARTITIONS = int(os.environ.get("PARTITIONS", "16"))

@@ -1,0 +1,242 @@
+"""History pages a gateway reads from MongoDB itself (GATEWAY_READS_HISTORY), on real
+Redis and MongoDB: which requests it serves, what its pages show, and that everything
+else still goes to a worker, which decides as before."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+
+from gateway.app import HUB
+from gateway.connection import ChatState, Connection
+from gateway.hub import Hub
+from shared import protocol
+from shared.codec import token_digest
+from shared.config import Settings
+from shared.metrics import GatewayMetrics
+from tests.support import Seeder, Stack, alice_and_bob, app_of, message_docs, sample
+
+READS = "chat_gateway_history_reads_total"
+
+
+def ids(reply: dict) -> list[int]:
+    return [int(m["id"]) for m in reply["messages"]]
+
+
+async def test_an_authorised_socket_gets_its_pages_from_its_gateway(
+    stack: Stack, seed: Seeder
+) -> None:
+    """After a worker authorised the socket (its join), its pages are read by the
+    gateway: the same frames a worker builds, and no request reaches the streams."""
+    pair = await alice_and_bob(stack, seed)
+    app = app_of(stack, pair.url)
+    a = pair.a
+    joined = await a.join(pair.chat)
+    assert joined["messages"] == []
+    for i in range(1, 8):
+        await a.send_text(pair.chat, f"m{i}")
+    assert sample(app, READS, by="worker") == 2  # the two joins
+    page = await a.request("get_history", pair.chat, {"limit": 5}, request_id="h1")
+    older = await a.request("get_history", pair.chat, {"before_id": "3"})
+    newer = await a.request("get_history", pair.chat, {"after_id": "5"})
+    assert sample(app, READS, by="gateway") == 3 and sample(app, READS, by="worker") == 2
+    theirs = await pair.b.request("get_history", pair.chat, {"limit": 5})
+    assert page["request_id"] == "h1" and page["type"] == "success" and page["detail"] is None
+    assert ids(page) == [3, 4, 5, 6, 7] and ids(older) == [1, 2] and ids(newer) == [6, 7]
+    assert all(m["is_my"] is True for m in page["messages"])
+    assert all(m["is_my"] is False for m in theirs["messages"])
+    # What a worker answers for the same page (a new socket is not authorised yet).
+    fresh = await stack.client(pair.url, pair.a_token)
+    by_worker = await fresh.request("get_history", pair.chat, {"limit": 5}, request_id="h1")
+    assert sample(app, READS, by="worker") == 3 + (sample(app, READS, by="gateway") == 3)
+    assert by_worker == page
+    assert orjson.dumps(by_worker) == orjson.dumps(page)  # field order too
+
+
+async def test_a_page_stops_at_the_last_message_pushed_to_the_socket(
+    stack: Stack, seed: Seeder
+) -> None:
+    """A message stored but not yet pushed to the socket stays out of the pages its
+    gateway reads for it, as out of a worker's page the push would have preceded."""
+    pair = await alice_and_bob(stack, seed)
+    app = app_of(stack, pair.url)
+    await pair.a.send_text(pair.chat, "pushed")
+    assert (await pair.b.push())["messages"][0]["id"] == "1"
+    reader = await stack.client(pair.url, pair.a_token)
+    assert ids(await reader.join(pair.chat)) == [1]  # a worker's page: authorised up to 1
+    # As if stored by a worker whose push has not reached this gateway yet.
+    await seed.store.messages.insert_many(message_docs(pair.chat, 2, 1))
+    assert ids(await reader.request("get_history", pair.chat)) == [1]
+    assert ids(await reader.request("get_history", pair.chat, {"after_id": "0"})) == [1]
+    assert sample(app, READS, by="gateway") == 2
+    fresh = await stack.client(pair.url, pair.a_token)  # a worker's page shows it
+    assert ids(await fresh.request("get_history", pair.chat)) == [1, 2]
+
+
+async def test_other_tokens_and_old_grants_go_to_a_worker(
+    stack: Stack, seed: Seeder, settings: Settings
+) -> None:
+    """Only the token the worker authorised, and only within AUTH_CACHE_TTL_SECONDS of
+    that: a token deleted from MongoDB is refused on a page as on a send."""
+    pair = await alice_and_bob(stack, seed)
+    app = app_of(stack, pair.url)
+    b = pair.b
+    bad = await b.request("get_history", pair.chat, token="not-a-token")
+    assert bad["type"] == "token_validation_error"
+    assert (await b.join(pair.chat))["type"] == "success"  # the refusal ended the grant
+    _, c_token = await seed.user("Carol")
+    outsider = await b.request("get_history", pair.chat, token=c_token)
+    assert outsider["type"] == "chat_not_exists"
+    assert sample(app, READS, by="gateway") == 0
+    await b.join(pair.chat)
+    assert (await b.request("get_history", pair.chat))["type"] == "success"
+    assert sample(app, READS, by="gateway") == 1
+    await seed.store.tokens.delete_one({"_id": token_digest(b.token or "")})
+    await asyncio.sleep(settings.auth_cache_ttl + 0.2)
+    gone = await b.request("get_history", pair.chat)
+    assert gone["type"] == "token_validation_error"
+    assert sample(app, READS, by="gateway") == 1
+
+
+async def test_a_page_asked_while_a_send_is_in_flight_shows_the_send(
+    stack: Stack, seed: Seeder
+) -> None:
+    """Read-your-writes: a page asked right behind a send, before its reply, goes to the
+    worker behind the send, so it shows the message."""
+    pair = await alice_and_bob(stack, seed)
+    b = pair.b
+    for round_ in range(5):
+        send = {
+            "event_type": "send_message",
+            "chat_id": pair.chat,
+            "token": b.token,
+            "request_id": f"s{round_}",
+            "message": {"type": "text", "text": f"t{round_}"},
+        }
+        read = {
+            "event_type": "get_history",
+            "chat_id": pair.chat,
+            "token": b.token,
+            "request_id": f"h{round_}",
+        }
+        await b.ws.send_str(orjson.dumps(send).decode())
+        await b.ws.send_str(orjson.dumps(read).decode())
+        replies = {r["request_id"]: r for r in (await b.reply(), await b.reply())}
+        stored = replies[f"s{round_}"]["messages"][0]["id"]
+        assert ids(replies[f"h{round_}"])[-1] == int(stored)
+    # With nothing in flight, the same socket's page is read by the gateway.
+    app = app_of(stack, pair.url)
+    assert sample(app, READS, by="gateway") == 0
+    assert ids(await b.request("get_history", pair.chat))[-1] == 5
+    assert sample(app, READS, by="gateway") == 1
+
+
+async def test_a_gateway_that_cannot_read_mongodb_lets_a_worker_answer(
+    stack: Stack, seed: Seeder
+) -> None:
+    """A failed read costs the client nothing but time: the worker answers it, and the
+    next pages go to the workers at once for a while."""
+    user, token = await seed.user()
+    chat = await seed.chat(user)
+    await stack.worker()
+    # Nothing listens on port 9: the gateway's reads fail, the worker's succeed.
+    url = await stack.gateway(
+        mongo_url="mongodb://127.0.0.1:9/nowhere?serverSelectionTimeoutMS=300"
+    )
+    app = app_of(stack, url)
+    client = await stack.client(url, token)
+    await client.send_text(chat, "hello")
+    page = await client.request("get_history", chat)
+    assert ids(page) == [1] and page["type"] == "success"
+    assert sample(app, "chat_gateway_history_read_errors_total") == 1
+    assert ids(await client.request("get_history", chat)) == [1]
+    assert sample(app, "chat_gateway_history_read_errors_total") == 1
+    assert sample(app, READS, by="worker") == 2 and sample(app, READS, by="gateway") == 0
+
+
+async def test_gateways_read_nothing_with_the_setting_off(stack: Stack, seed: Seeder) -> None:
+    user, token = await seed.user()
+    chat = await seed.chat(user)
+    await stack.worker()
+    url = await stack.gateway(gateway_reads_history=False)
+    app = app_of(stack, url)
+    assert app[HUB].reader is None
+    client = await stack.client(url, token)
+    await client.send_text(chat, "hello")
+    assert ids(await client.request("get_history", chat)) == [1]
+    assert sample(app, READS, by="worker") == 1 and sample(app, READS, by="gateway") == 0
+
+
+# -- the decision alone (no server: a hub with nothing behind it) -------------------
+
+
+class _NoSubscriber:
+    chat_channels = 0
+
+
+class _Socket:
+    compress = False
+
+
+@pytest.fixture
+def hub(settings: Settings) -> Hub:
+    return Hub(settings, None, GatewayMetrics(), lambda hub: _NoSubscriber(), reader=object())  # type: ignore[arg-type]
+
+
+def _socket(hub: Hub) -> Connection:
+    conn = Connection(
+        hub.new_connection_id(), _Socket(), None, "peer", max_messages=1, max_bytes=1,  # type: ignore[arg-type]
+        on_slow=lambda c: None,
+    )  # fmt: skip
+    conn.chats["c"] = ChatState("u", 5, token_digest("t"), None, time.monotonic())
+    return conn
+
+
+def _ask(token: str = "t") -> protocol.Request:
+    frame = orjson.dumps({"event_type": "get_history", "chat_id": "c", "token": token})
+    return protocol.parse_request(frame, protocol.Limits())
+
+
+def test_the_gateway_reads_only_for_a_fresh_grant_of_the_same_token(
+    hub: Hub, settings: Settings
+) -> None:
+    digest = token_digest("t")
+    conn = _socket(hub)
+    assert hub._reads_here(conn, _ask(), digest)
+    assert not hub._reads_here(conn, _ask("other"), token_digest("other"))
+    other_chat = protocol.parse_request(
+        orjson.dumps({"event_type": "get_history", "chat_id": "d", "token": "t"}),
+        protocol.Limits(),
+    )
+    assert not hub._reads_here(conn, other_chat, digest)
+    state = conn.chats["c"]
+    cases = {
+        "request in flight": lambda: setattr(conn, "in_flight", 1),
+        "frame held back": lambda: state.hold(7, b"{}"),
+        "gap being filled": lambda: hub._fills.__setitem__("c", None),
+        "grant older than the auth cache": lambda: setattr(
+            state, "granted_at", time.monotonic() - settings.auth_cache_ttl - 0.01
+        ),
+        "token expired": lambda: setattr(state, "expires_at", time.time() - 1),
+        "member removed": lambda: hub._revoked.__setitem__(("c", "u"), time.monotonic() + 60),
+        "token revoked": lambda: hub._revoked.__setitem__(digest, time.monotonic() + 60),
+        "reads paused after a failure": lambda: setattr(
+            hub, "_reader_off_until", time.monotonic() + 60
+        ),
+        "too many reads at once": lambda: hub._reading.update(range(1000, 1100)),
+        "no reader": lambda: setattr(hub, "reader", None),
+    }
+    for name, spoil in cases.items():
+        conn = _socket(hub)
+        state = conn.chats["c"]
+        saved = (hub.reader, dict(hub._fills), dict(hub._revoked), set(hub._reading))
+        hub._reader_off_until = 0.0
+        assert hub._reads_here(conn, _ask(), digest), name
+        spoil()
+        assert not hub._reads_here(conn, _ask(), digest), name
+        hub.reader, hub._fills, hub._revoked, hub._reading = (
+            saved[0], saved[1], saved[2], saved[3],
+        )  # fmt: skip
