@@ -7,7 +7,8 @@ each reply. Each kind goes one stage further into the system than the one before
 * ``worker``: ``get_history`` of a chat that does not exist, answered by the worker from
   its cache (``chat_not_exists``): XADD, the stream read, PUBLISH, and no MongoDB call;
 * ``get_history``: the latest page of 50 of a chat of :data:`PROBE_MESSAGES`, one MongoDB
-  ``find``;
+  ``find``: by the gateway itself in ours (its sockets are authorised by their first
+  page, which a worker reads; GATEWAY_READS_HISTORY), by the worker in ``chain``;
 * ``send_message``: a message stored with the worker's write concern (a journal sync by
   default) and acknowledged; ``push`` is the same send timed to its arrival at another
   member's socket, which is what a chat's delivery latency measures.
@@ -200,7 +201,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
     by = {
         "gateway": "the gateway",
         "worker": "the worker, from its cache",
-        "get_history": f"the worker, a page of {PAGE} from MongoDB",
+        "get_history": f"a page of {PAGE} from MongoDB, read by the gateway (ours) or the worker",
         "send_message": "the worker, stored in MongoDB",
         "push": "the same sends, to their push at another member",
     }

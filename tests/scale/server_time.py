@@ -115,6 +115,18 @@ def window(before: Totals, after: Totals, seconds: float, workers: int = 1) -> d
     # one is what makes new entries wait in their stream (queueing in front of it).
     busy = _delta(before, after, "chat_worker_batch_seconds_sum")
     out["worker_loop_busy"] = round(busy / (seconds * max(1, workers)), 3) if seconds > 0 else None
+    # Pages the gateways read from MongoDB themselves (GATEWAY_READS_HISTORY), and those
+    # they forwarded to the workers.
+    out["history_pages_per_s"] = (
+        {
+            by: round(_delta(before, after, "chat_gateway_history_reads_total", by=by) / seconds, 1)
+            for by in ("gateway", "worker")
+        }
+        if seconds > 0
+        else {}
+    )
+    mean, count = _mean_ms(before, after, "chat_gateway_history_read_seconds")
+    out["gateway_read_ms"] = mean if count else None
     out["mongod_ms"] = {}
     for op in MONGOD_OPS:
         mean, count = _mean_ms(before, after, "mongod_op_latency_microseconds", 1e-3, op=op)
@@ -148,6 +160,19 @@ def describe(times: dict[str, Any] | None, event: str) -> str:
             inside += f", a journal sync {sync:.2f}"
         inside += ")"
     transit = max(0.0, held - wait - batch)
+    pages = times.get("history_pages_per_s") or {}
+    read_here = pages.get("gateway") or 0.0
+    if event == "get_history" and read_here > 0:
+        share = read_here / (read_here + (pages.get("worker") or 0.0))
+        read = times.get("gateway_read_ms")
+        return (
+            f"time in the servers (means over the window, from their /metrics): a gateway "
+            f"held a get_history {held:.2f} ms; {100 * share:.0f} % of the pages were read "
+            f"by the gateways themselves"
+            + (f" ({read:.2f} ms a MongoDB read)" if read is not None else "")
+            + f", the rest through the stream ({wait:.2f} ms waiting) and the worker's "
+            f"batch ({batch:.2f} ms)"
+        )
     text = (
         f"time in the servers (means over the window, from their /metrics): a gateway "
         f"held a {event} {held:.2f} ms: {wait:.2f} waiting in its stream, {batch:.2f} in "

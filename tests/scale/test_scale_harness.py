@@ -299,7 +299,7 @@ def test_harness_end_to_end_on_ours(tmp_path: Path) -> None:
     for kind in alone.values():
         assert kind["wrong_replies"] == {} and kind["n"] == 20 and kind["p50"] > 0
     assert (
-        "| get_history | the worker, a page of 50 from MongoDB |"
+        "| get_history | a page of 50 from MongoDB, read by the gateway (ours) or the worker |"
         in (report_dir / "report.md").read_text()
     )
     assert "ours: one request at a time, 2 ms apart, p50 ms: gateway " in result["terminal"]

@@ -58,6 +58,29 @@ def test_means_over_the_window_from_two_scrapes_of_several_processes() -> None:
     assert "the worker's loop in a batch 0 % of the time" in text
     # An event that was not seen in the window has nothing to say.
     assert server_time.describe(times, "send_message") == ""
+    assert times["history_pages_per_s"] == {"gateway": 0.0, "worker": 0.0}
+    assert times["gateway_read_ms"] is None
+
+
+def test_pages_the_gateways_read_themselves_are_told_apart() -> None:
+    gw, worker = GatewayMetrics(), WorkerMetrics()
+    before = _scrape(gw, worker)
+    for _ in range(3):
+        gw.history_reads.labels("gateway").inc()
+        gw.history_read_seconds.observe(0.0008)
+        gw.request_seconds.labels("get_history").observe(0.001)
+    gw.history_reads.labels("worker").inc()
+    gw.request_seconds.labels("get_history").observe(0.003)
+    worker.batch_seconds.observe(0.002)
+    worker.batch_size.observe(1)
+    worker.stream_wait_seconds.observe(0.0005)
+    after = _scrape(gw, worker)
+    times = server_time.window(before, after, 1.0)
+    assert times["history_pages_per_s"] == {"gateway": 3.0, "worker": 1.0}
+    assert times["gateway_read_ms"] == 0.8
+    text = server_time.describe(times, "get_history")
+    assert "held a get_history 1.50 ms; 75 % of the pages were read by the gateways" in text
+    assert "(0.80 ms a MongoDB read)" in text and "stream (0.50 ms waiting)" in text
 
 
 def test_an_unmet_latency_goal_says_where_the_time_went() -> None:
