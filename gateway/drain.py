@@ -10,7 +10,8 @@ retry elsewhere at once):
 3. close the open sockets with 1001 "going away", ``DRAIN_BATCH_SIZE`` at a time every
    ``DRAIN_BATCH_INTERVAL_SECONDS``, so their clients reconnect to the other gateways
    spread out rather than all at once. A socket whose turn has come but which is still
-   waiting for a reply is closed as soon as that reply is sent. Batches grow when that
+   waiting for a reply (a forwarded request, or a history page this gateway is reading)
+   is closed as soon as that reply is sent. Batches grow when that
    is needed to finish within ``DRAIN_TIMEOUT_SECONDS``.
 
 Then the caller stops the server (listener closed, cleanup as usual).
@@ -121,7 +122,8 @@ class Drain:
                     extra={"batch": self.batches, "sockets": len(batch), "left": len(queue)},
                 )
                 next_batch = now + interval
-            owed = {p.conn.conn_id for p in hub.pending.values()} if due else set()
+            # Owed a reply: a request forwarded, or a history page being read here.
+            owed = {p.conn.conn_id for p in hub.pending.values()} | hub.reading if due else set()
             still_due: list[Connection] = []
             for conn in due:
                 if conn.closed:

@@ -119,7 +119,7 @@ class Hub:
         # History pages this node reads itself (GATEWAY_READS_HISTORY), and the sockets
         # whose page is being read (bounded: beyond it, pages go to the workers).
         self.reader = reader
-        self._reading: set[int] = set()
+        self.reading: set[int] = set()
         self._reader_off_until = 0.0
         self._history_here = metrics.history_reads.labels("gateway")
         self._history_by_worker = metrics.history_reads.labels("worker")
@@ -210,7 +210,7 @@ class Hub:
         gap being filled, so the pushes it was sent are every message up to its last
         id. Anything else goes to the worker, which decides as before.
         """
-        if self.reader is None or conn.in_flight or len(self._reading) >= MAX_DIRECT_READS:
+        if self.reader is None or conn.in_flight or len(self.reading) >= MAX_DIRECT_READS:
             return False
         if self._reader_off_until > time.monotonic():
             return False
@@ -238,7 +238,7 @@ class Hub:
         chat_id = request.chat_id
         state = conn.chats[chat_id]
         query = request.message or {}
-        self._reading.add(conn.conn_id)
+        self.reading.add(conn.conn_id)
         started = time.monotonic()
         try:
             async with asyncio.timeout(min(READ_TIMEOUT, self.settings.request_timeout / 2)):
@@ -261,7 +261,7 @@ class Hub:
             )
             return False
         finally:
-            self._reading.discard(conn.conn_id)
+            self.reading.discard(conn.conn_id)
         self._read_seconds.observe(time.monotonic() - started)
         if conn.closed:
             return True

@@ -5,18 +5,20 @@ else still goes to a worker, which decides as before."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import orjson
 import pytest
 
-from gateway.app import HUB
+from gateway.app import DRAIN, HUB
 from gateway.connection import ChatState, Connection
 from gateway.hub import Hub
 from shared import protocol
 from shared.codec import token_digest
 from shared.config import Settings
 from shared.metrics import GatewayMetrics
+from tests.conftest import Servers
 from tests.support import Seeder, Stack, alice_and_bob, app_of, message_docs, sample
 
 READS = "chat_gateway_history_reads_total"
@@ -157,6 +159,40 @@ async def test_a_gateway_that_cannot_read_mongodb_lets_a_worker_answer(
     assert sample(app, READS, by="worker") == 2 and sample(app, READS, by="gateway") == 0
 
 
+async def test_a_drain_waits_for_a_page_being_read(
+    stack: Stack, seed: Seeder, servers: Servers
+) -> None:
+    """A page the gateway is reading when it starts draining is owed like a forwarded
+    request: the socket gets it before its 1001."""
+    pair = await alice_and_bob(stack, seed)
+    app = app_of(stack, pair.url)
+    b = pair.b
+    mongod = servers.mongo.process
+    assert mongod is not None
+    mongod.send_signal(signal.SIGSTOP)  # the read waits (well under its 1 s bound)
+    try:
+        await b.ws.send_str(
+            orjson.dumps(
+                {"event_type": "get_history", "chat_id": pair.chat, "token": b.token,
+                 "request_id": "owed"}
+            ).decode()
+        )  # fmt: skip
+        deadline = time.monotonic() + 5
+        while not app[HUB].reading:
+            assert time.monotonic() < deadline, "the page was not read by the gateway"
+            await asyncio.sleep(0.005)
+        drain = asyncio.create_task(app[DRAIN].run(app[HUB]))
+        await asyncio.sleep(0.3)
+        assert not b.closed.done(), "closed while a page was still owed"
+    finally:
+        mongod.send_signal(signal.SIGCONT)
+    reply = await b.reply()
+    assert reply["request_id"] == "owed" and reply["type"] == "success"
+    await drain
+    assert (await b.closed)[0] == 1001
+    assert sample(app, READS, by="gateway") == 1
+
+
 async def test_gateways_read_nothing_with_the_setting_off(stack: Stack, seed: Seeder) -> None:
     user, token = await seed.user()
     chat = await seed.chat(user)
@@ -226,17 +262,17 @@ def test_the_gateway_reads_only_for_a_fresh_grant_of_the_same_token(
         "reads paused after a failure": lambda: setattr(
             hub, "_reader_off_until", time.monotonic() + 60
         ),
-        "too many reads at once": lambda: hub._reading.update(range(1000, 1100)),
+        "too many reads at once": lambda: hub.reading.update(range(1000, 1100)),
         "no reader": lambda: setattr(hub, "reader", None),
     }
     for name, spoil in cases.items():
         conn = _socket(hub)
         state = conn.chats["c"]
-        saved = (hub.reader, dict(hub._fills), dict(hub._revoked), set(hub._reading))
+        saved = (hub.reader, dict(hub._fills), dict(hub._revoked), set(hub.reading))
         hub._reader_off_until = 0.0
         assert hub._reads_here(conn, _ask(), digest), name
         spoil()
         assert not hub._reads_here(conn, _ask(), digest), name
-        hub.reader, hub._fills, hub._revoked, hub._reading = (
+        hub.reader, hub._fills, hub._revoked, hub.reading = (
             saved[0], saved[1], saved[2], saved[3],
         )  # fmt: skip
