@@ -214,6 +214,29 @@ async def test_mongo_stopped_for_seconds(cluster: Cluster) -> None:
         await asyncio.to_thread(mongo.start, 60)
 
     await cluster.run(stop_mongo, "MongoDB down 3 s")
+    # The gateways read pages from the restarted mongod again, each over new connections.
+    for _, url in cluster.gateways:
+        client = await cluster.stack.client(url, cluster.clients[0].token)
+        chat = cluster.clients[0].chats[0]
+        deadline = time.monotonic() + 30
+        while True:
+            page = await client.request("get_history", chat, {"limit": 5})
+            assert page["type"] == "success" and len(page["messages"]) == 5
+            if await _pages_read_by(cluster.stack, url) > 0:
+                break
+            assert time.monotonic() < deadline, "the gateway did not read a page again"
+            await asyncio.sleep(0.5)
+
+
+async def _pages_read_by(stack: Stack, url: str) -> float:
+    """Pages this gateway has read from MongoDB itself."""
+    async with stack.session.get(url + "metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('chat_gateway_history_reads_total{by="gateway"}')
+    )
 
 
 async def test_same_client_msg_id_on_two_gateways(cluster: Cluster) -> None:
