@@ -43,7 +43,8 @@ class Store:
         self.chats: AsyncCollection[Doc] = db["chats"]
         self.messages: AsyncCollection[Doc] = db["messages"]
         self.counters: AsyncCollection[Doc] = db["counters"]
-        self.pages = HistoryReader(self.messages, wire)
+        # A page of a chat, oldest first: the query both kinds of process make.
+        self.history = HistoryReader(self.messages, wire).history
 
     async def ensure_indexes(self) -> None:
         """Create the indexes the code relies on (idempotent)."""
@@ -132,17 +133,6 @@ class Store:
             await self.wire.insert("messages", docs, self.messages.write_concern.document)
         else:
             await self.messages.insert_many(list(docs), ordered=True)
-
-    async def history(
-        self,
-        chat_id: str,
-        *,
-        limit: int,
-        before: int | None = None,
-        after: int | None = None,
-    ) -> list[Doc]:
-        """A page of a chat, oldest first (:meth:`shared.mongo.HistoryReader.history`)."""
-        return await self.pages.history(chat_id, limit=limit, before=before, after=after)
 
     # -- admin -------------------------------------------------------------------
 
