@@ -248,17 +248,19 @@ class Stack:
         return env
 
     def spawn(
-        self, module: str, log_dir: Path, **overrides: Any
+        self, module: str, log_dir: Path, *, root: Path = ROOT, **overrides: Any
     ) -> tuple[subprocess.Popen[bytes], str]:
-        """Start ``python -m module``; returns the process and its HTTP base URL."""
+        """Start ``python -m module`` (of the checkout at ``root``: another release's,
+        for instance); returns the process and its HTTP base URL."""
         port = free_port()
         key = "gateway_port" if module == "gateway" else "worker_http_port"
         env = self.process_env(**{key: port, **overrides})
+        env["PYTHONPATH"] = str(root)
         log = log_dir / f"{module}-{port}.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", module],
             env=env,
-            cwd=ROOT,
+            cwd=root,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
         )
