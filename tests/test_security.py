@@ -993,7 +993,8 @@ async def test_announced_removal_and_revocation_end_pushes_and_requests_at_once(
     chat = await seed.chat(alice, bob, carol)
     elsewhere = await seed.chat(alice, bob)
     await stack.worker(auth_cache_ttl=30.0)
-    url = await stack.gateway()
+    # The gateway's grants are as long-lived, so it would read their pages itself.
+    url = await stack.gateway(auth_cache_ttl=30.0)
     a = await stack.client(url, a_token)
     b = await stack.client(url, b_token)
     c1 = await stack.client(url, c_token)
@@ -1004,6 +1005,9 @@ async def test_announced_removal_and_revocation_end_pushes_and_requests_at_once(
     await a.send_text(chat, "one")
     for client in (b, c1, c2):
         assert (await client.push())["messages"][0]["text"] == "one"
+    for client in (b, c1, c2):  # read by the gateway: each was authorised just now
+        assert (await client.request("get_history", chat))["type"] == "success"
+    assert sample(app_of(stack, url), "chat_gateway_history_reads_total", by="gateway") == 3
 
     removed = await _admin(settings, "remove-member", "--chat-id", chat, "--user-id", bob)
     assert removed == {"chat_id": chat, "user_id": bob, "changed": True, "announced": True}
