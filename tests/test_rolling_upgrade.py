@@ -121,39 +121,34 @@ async def _converse(
     return via_node_a, via_node_b
 
 
-async def test_a_gateway_of_the_previous_release_beside_this_ones(
+@pytest.mark.parametrize(
+    ("old", "via_node"),
+    [
+        # Gateways rolled one at a time: the old gateway's send is answered on its node
+        # channel, the new one's on its push, by a new worker.
+        ("gateway", (1, 0)),
+        # Gateways rolled first: the old worker answers every send on the node channel.
+        ("worker", (1, 1)),
+    ],
+    ids=["old_gateway_beside_a_new_one", "old_worker_behind_new_gateways"],
+)
+async def test_the_previous_release_beside_this_one(
     stack: Stack,
     seed: Seeder,
     log_dir: Path,
     previous_release: Path,
     redis: Redis,
     settings: Settings,
+    old: str,
+    via_node: tuple[int, int],
 ) -> None:
-    """Gateways rolled one at a time: the old one and a new one, with a new worker."""
-    _, old_gw = stack.spawn("gateway", log_dir, root=previous_release)
-    _, new_gw = stack.spawn("gateway", log_dir)
-    _, wk = stack.spawn("worker", log_dir)
-    for url in (old_gw, new_gw, wk):
-        await stack.wait_ready(url)
-    chat, a1, a2, b = await _chat_between(stack, seed, old_gw, new_gw)
-    # The old gateway's send is answered on its node channel, the new one's on its push.
-    assert await _converse(chat, a1, a2, b, redis, settings) == (1, 0)
-
-
-async def test_workers_of_the_previous_release_behind_this_releases_gateways(
-    stack: Stack,
-    seed: Seeder,
-    log_dir: Path,
-    previous_release: Path,
-    redis: Redis,
-    settings: Settings,
-) -> None:
-    """Gateways rolled first: this release's gateways while the workers are the old ones."""
-    _, gw_1 = stack.spawn("gateway", log_dir)
+    """Two gateways and a worker, one of them ``old``: Alice on the first gateway, Bob on
+    the second."""
+    release = {old: previous_release}
+    _, gw_1 = stack.spawn("gateway", log_dir, root=release.get("gateway", ROOT))
     _, gw_2 = stack.spawn("gateway", log_dir)
-    _, wk = stack.spawn("worker", log_dir, root=previous_release)
+    _, wk = stack.spawn("worker", log_dir, root=release.get("worker", ROOT))
     for url in (gw_1, gw_2, wk):
         await stack.wait_ready(url)
     chat, a1, a2, b = await _chat_between(stack, seed, gw_1, gw_2)
-    # The old worker answers every send on the asking gateway's node channel.
-    assert await _converse(chat, a1, a2, b, redis, settings) == (1, 1)
+    assert await _converse(chat, a1, a2, b, redis, settings) == via_node

@@ -1094,23 +1094,18 @@ async def test_a_reply_held_for_order_goes_out_when_the_grant_ends(
     """A socket's own reply held back behind a gap being filled answers a request that
     was authorised. Ending the grant sends it: dropped, nothing would ever answer that
     request and the client would wait for it forever."""
-    alice, _ = await seed.user("Alice")
-    dave, d_token = await seed.user("Dave")
-    chat = await seed.chat(alice, dave)
-    await stack.worker()
-    url = await stack.gateway()
-    d = await stack.client(url, d_token)
-    await d.join(chat)
-    hub = app_of(stack, url)[HUB]
-    (conn,) = hub.connections.values()
+    pair = await alice_and_bob(stack, seed)
+    chat, b = pair.chat, pair.b
+    hub = app_of(stack, pair.url)[HUB]
+    (conn,) = [c for c in hub.connections.values() if chat in c.chats]  # Bob's
     state = conn.chats[chat]
     # What the hub keeps when the socket's own send lands one id past a gap.
     reply = {"type": "success", "event_type": "send_message", "request_id": "held"}
     state.hold(state.last_seq + 2, orjson.dumps(reply))
-    assert await admin.announce(settings, Revocation(chat_id=chat, user_ids=(dave,)))
-    assert await d.reply() == reply
+    assert await admin.announce(settings, Revocation(chat_id=chat, user_ids=(pair.bob,)))
+    assert await b.reply() == reply
     assert chat not in conn.chats
-    await d.no_push(0.2)
+    await b.no_push(0.2)
 
 
 async def test_a_retried_send_is_not_held_in_place_of_a_newer_push(
