@@ -340,13 +340,14 @@ class Pair:
     b: Client  # Bob's socket, authorised for the chat's pushes
 
 
-async def alice_and_bob(stack: Stack, seed: Seeder) -> Pair:
-    """A :class:`Pair` with its servers started."""
+async def alice_and_bob(stack: Stack, seed: Seeder, **gateway: Any) -> Pair:
+    """A :class:`Pair` with its servers started (``gateway``: the gateway's settings
+    that differ from the stack's)."""
     alice, a_token = await seed.user("Alice")
     bob, b_token = await seed.user("Bob")
     chat = await seed.chat(alice, bob)
     await stack.worker()
-    url = await stack.gateway()
+    url = await stack.gateway(**gateway)
     a = await stack.client(url, a_token)
     b = await stack.client(url, b_token)
     await b.join(chat)

@@ -22,6 +22,9 @@ from tests.conftest import Servers
 from tests.support import Seeder, Stack, alice_and_bob, app_of, message_docs, sample
 
 READS = "chat_gateway_history_reads_total"
+# A gateway whose grants outlast any pause of a loaded test machine, where a test needs
+# its pages read by the gateway (the tests' settings keep grants for 0.5 s).
+LASTING = {"auth_cache_ttl": 30.0}
 
 
 def ids(reply: dict) -> list[int]:
@@ -33,7 +36,7 @@ async def test_an_authorised_socket_gets_its_pages_from_its_gateway(
 ) -> None:
     """After a worker authorised the socket (its join), its pages are read by the
     gateway: the same frames a worker builds, and no request reaches the streams."""
-    pair = await alice_and_bob(stack, seed)
+    pair = await alice_and_bob(stack, seed, **LASTING)
     app = app_of(stack, pair.url)
     a = pair.a
     joined = await a.join(pair.chat)
@@ -63,7 +66,7 @@ async def test_a_page_stops_at_the_last_message_pushed_to_the_socket(
 ) -> None:
     """A message stored but not yet pushed to the socket stays out of the pages its
     gateway reads for it, as out of a worker's page the push would have preceded."""
-    pair = await alice_and_bob(stack, seed)
+    pair = await alice_and_bob(stack, seed, **LASTING)
     app = app_of(stack, pair.url)
     await pair.a.send_text(pair.chat, "pushed")
     assert (await pair.b.push())["messages"][0]["id"] == "1"
@@ -108,7 +111,7 @@ async def test_a_page_asked_while_a_send_is_in_flight_shows_the_send(
 ) -> None:
     """Read-your-writes: a page asked right behind a send, before its reply, goes to the
     worker behind the send, so it shows the message."""
-    pair = await alice_and_bob(stack, seed)
+    pair = await alice_and_bob(stack, seed, **LASTING)
     b = pair.b
     for round_ in range(5):
         send = {
@@ -146,7 +149,7 @@ async def test_a_gateway_that_cannot_read_mongodb_lets_a_worker_answer(
     await stack.worker()
     # Nothing listens on port 9: the gateway's reads fail, the worker's succeed.
     url = await stack.gateway(
-        mongo_url="mongodb://127.0.0.1:9/nowhere?serverSelectionTimeoutMS=300"
+        mongo_url="mongodb://127.0.0.1:9/nowhere?serverSelectionTimeoutMS=300", **LASTING
     )
     app = app_of(stack, url)
     client = await stack.client(url, token)
@@ -164,7 +167,7 @@ async def test_a_drain_waits_for_a_page_being_read(
 ) -> None:
     """A page the gateway is reading when it starts draining is owed like a forwarded
     request: the socket gets it before its 1001."""
-    pair = await alice_and_bob(stack, seed)
+    pair = await alice_and_bob(stack, seed, **LASTING)
     app = app_of(stack, pair.url)
     b = pair.b
     mongod = servers.mongo.process
