@@ -113,6 +113,12 @@ class Hub:
         # request (made, then cancelled when its reply came) was the costliest line of
         # the send path, ~3 % of a gateway's CPU at 3,000 sends/s.
         self._expiry: asyncio.TimerHandle | None = None
+        # A request forwarded late (after a failed page read, or a long wait for its
+        # subscription) is due before requests forwarded ahead of it: it gets a timer of
+        # its own, so it is answered at its own deadline too. The latest deadline so far
+        # tells which ones those are.
+        self._own_timers: dict[int, asyncio.TimerHandle] = {}
+        self._last_deadline = 0.0
         self._ids = itertools.count(1)
         self._req_ids = itertools.count(1)
         self._fills: dict[str, Fill] = {}
@@ -290,7 +296,21 @@ class Hub:
     ) -> bool:
         """XADD one request (the caller holds a reference on the chat's channel).
 
-        Returns False, with the reference released, when the request was refused."""
+        Returns False, with the reference released, when the request was refused.
+        The request's REQUEST_TIMEOUT_SECONDS count from ``received_at``, so time spent
+        before forwarding it (a page read that failed) is not given to it twice.
+        """
+        elapsed = time.monotonic() - received_at
+        remaining = self.settings.request_timeout - elapsed
+        if remaining <= 0:
+            # Its time is up already: written now, it would be handled after its client
+            # was told it timed out.
+            self.subscriber.release(self.keys.chat_channel(chat_id))
+            if not fill:
+                self.metrics.request_timeouts.inc()
+                self._latency[event_type].observe(elapsed)
+                self._fail(conn, event_type, request_id, protocol.DETAIL_TIMEOUT)
+            return False
         req = next(self._req_ids)
         entry = StreamEntry(
             node=self.node_id,
@@ -301,8 +321,8 @@ class Hub:
             token_digest=digest,
             event_type=event_type,
             message=message,
-            received_at=time.time(),
-            timeout=self.settings.request_timeout,
+            received_at=time.time() - elapsed,
+            timeout=remaining,
             reply_on_push=True,
         )
         stream = self.keys.stream(partition_of(chat_id, self.settings.partitions))
@@ -313,12 +333,16 @@ class Hub:
                 self._fail(conn, event_type, request_id, "Server is overloaded, retry later")
             return False
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_timeout
+        deadline = loop.time() + remaining
         self.pending[req] = Pending(
             conn, chat_id, event_type, request_id, received_at, digest, deadline, fill=fill
         )
         if not fill:
             conn.in_flight += 1
+        if deadline + EXPIRY_SLACK < self._last_deadline:
+            self._own_timers[req] = loop.call_at(deadline, self._timeout, req)
+        else:
+            self._last_deadline = deadline
         if self._expiry is None:
             self._expiry = loop.call_at(deadline, self._expire)
         return True
@@ -332,7 +356,8 @@ class Hub:
 
         Every request gets the same timeout, so ``pending`` (in forwarding order) is in
         deadline order: only its oldest entries can be due, and the first one that is
-        not names when to look again.
+        not names when to look again. (The few forwarded late, due before requests
+        ahead of them, have timers of their own.)
         """
         self._expiry = None
         loop = asyncio.get_running_loop()
@@ -356,6 +381,9 @@ class Hub:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        for handle in self._own_timers.values():
+            handle.cancel()
+        self._own_timers.clear()
 
     def _timeout(self, req: int) -> None:
         pending = self._take(req)
@@ -374,6 +402,10 @@ class Hub:
         pending = self.pending.pop(req, None)
         if pending is not None and not pending.fill:
             pending.conn.in_flight -= 1
+        if self._own_timers:
+            handle = self._own_timers.pop(req, None)
+            if handle is not None:
+                handle.cancel()
         return pending
 
     def _observe(self, pending: Pending) -> None:

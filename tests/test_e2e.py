@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ import worker.consumer
 from shared import protocol
 from shared.codec import StreamEntry, token_digest
 from shared.config import Settings
-from shared.keys import Keys
+from shared.keys import Keys, partition_of
+from tests.conftest import Servers
 from tests.support import ROOT, Seeder, Stack, alice_and_bob
 
 SEED_TOKEN = "b58f7d184743106a8a66028b7a28937c"
@@ -175,6 +177,36 @@ async def test_each_unanswered_request_times_out_at_its_own_deadline(
     # Sent 0.45 s apart: answered apart too, each when its own time had come.
     assert answered["late-1"] - answered["late-0"] > 0.2 * timeout
     assert answered["late-2"] - answered["late-1"] > 0.2 * timeout
+
+
+async def test_a_request_whose_time_ran_out_before_forwarding_is_not_forwarded(
+    stack: Stack, seed: Seeder, settings: Settings, servers: Servers, redis: Redis
+) -> None:
+    """A send that waited past REQUEST_TIMEOUT_SECONDS for its chat's subscription
+    (Redis stalled) is answered server_error when the wait ends and is not written to a
+    stream: handled afterwards, it would be stored after its client was told it timed
+    out (and to retry)."""
+    user, token = await seed.user()
+    chat = await seed.chat(user)
+    timeout = 0.5
+    url = await stack.gateway(request_timeout=timeout)  # no worker: nothing is read
+    client = await stack.client(url, token)
+    redis_server = servers.redis.process
+    assert redis_server is not None
+    redis_server.send_signal(signal.SIGSTOP)
+    try:
+        body = {"chat_id": chat, "token": token, "event_type": "send_message",
+                "message": {"type": "text", "text": "late"}, "request_id": "late"}  # fmt: skip
+        await client.ws.send_str(orjson.dumps(body).decode())
+        await asyncio.sleep(3 * timeout)
+    finally:
+        redis_server.send_signal(signal.SIGCONT)
+    reply = await client.reply()
+    assert (reply["request_id"], reply["type"], reply["detail"]) == (
+        "late", protocol.SERVER_ERROR, protocol.DETAIL_TIMEOUT,
+    )  # fmt: skip
+    stream = Keys(settings.redis_prefix).stream(partition_of(chat, settings.partitions))
+    assert await redis.xlen(stream) == 0
 
 
 async def test_integer_chat_id_and_request_id_echo(

@@ -162,6 +162,59 @@ async def test_a_gateway_that_cannot_read_mongodb_lets_a_worker_answer(
     assert sample(app, READS, by="worker") == 2 and sample(app, READS, by="gateway") == 0
 
 
+async def test_a_page_read_that_hangs_does_not_lengthen_its_request_timeout(
+    stack: Stack, seed: Seeder, servers: Servers
+) -> None:
+    """A page whose read hangs goes to a worker with only what is left of its
+    REQUEST_TIMEOUT_SECONDS: its client hears server_error when that time is up counted
+    from its request, also when a request forwarded before it is due later."""
+    timeout = 2.0  # the read is given min(1 s, half of it)
+    pair = await alice_and_bob(stack, seed, request_timeout=timeout, **LASTING)
+    app = app_of(stack, pair.url)
+    loop = asyncio.get_running_loop()
+    mongod = servers.mongo.process
+    assert mongod is not None
+    mongod.send_signal(signal.SIGSTOP)  # neither the gateway nor the worker gets an answer
+    try:
+        page_sent = loop.time()
+        await pair.b.ws.send_str(
+            orjson.dumps(
+                {"event_type": "get_history", "chat_id": pair.chat, "token": pair.b.token,
+                 "request_id": "page"}
+            ).decode()
+        )  # fmt: skip
+        deadline = time.monotonic() + 5
+        while not app[HUB].reading:
+            assert time.monotonic() < deadline, "the page was not read by the gateway"
+            await asyncio.sleep(0.005)
+        # While the read hangs, a send is forwarded: due after the page, ahead of it in
+        # the gateway's queue of requests (the page is forwarded when its read gives up).
+        await asyncio.sleep(0.4)
+        send_sent = loop.time()
+        await pair.a.ws.send_str(
+            orjson.dumps(
+                {"event_type": "send_message", "chat_id": pair.chat, "token": pair.a_token,
+                 "message": {"type": "text", "text": "hi"}, "request_id": "send"}
+            ).decode()
+        )  # fmt: skip
+        page = await pair.b.reply(timeout=3 * timeout)
+        page_answered = loop.time()
+        send = await pair.a.reply(timeout=3 * timeout)
+        send_answered = loop.time()
+    finally:
+        mongod.send_signal(signal.SIGCONT)
+    assert (page["request_id"], page["type"], page["detail"]) == (
+        "page", protocol.SERVER_ERROR, protocol.DETAIL_TIMEOUT,
+    )  # fmt: skip
+    assert (send["request_id"], send["type"]) == ("send", protocol.SERVER_ERROR)
+    assert sample(app, "chat_gateway_history_read_errors_total") == 1
+    # Each at its own deadline: the page not half a timeout late (its read took 1 s of
+    # it), nor held back until the send's deadline.
+    assert timeout - 0.01 <= page_answered - page_sent < timeout + 0.35
+    assert timeout - 0.01 <= send_answered - send_sent < timeout + 0.35
+    assert page_answered < send_answered
+
+
 async def test_a_drain_waits_for_a_page_being_read(
     stack: Stack, seed: Seeder, servers: Servers
 ) -> None:
