@@ -10,6 +10,7 @@ import time
 
 import orjson
 import pytest
+from aiohttp import web
 
 from gateway.app import DRAIN, HUB
 from gateway.connection import ChatState, Connection
@@ -29,6 +30,18 @@ LASTING = {"auth_cache_ttl": 30.0}
 
 def ids(reply: dict) -> list[int]:
     return [int(m["id"]) for m in reply["messages"]]
+
+
+async def ask_page_read_by_gateway(
+    app: web.Application, client: Client, chat: str, rid: str
+) -> None:
+    """Send ``get_history`` and return once the gateway is reading it from MongoDB."""
+    body = {"event_type": "get_history", "chat_id": chat, "token": client.token, "request_id": rid}
+    await client.ws.send_str(orjson.dumps(body).decode())
+    deadline = time.monotonic() + 5
+    while not app[HUB].reading:
+        assert time.monotonic() < deadline, "the page was not read by the gateway"
+        await asyncio.sleep(0.005)
 
 
 async def test_an_authorised_socket_gets_its_pages_from_its_gateway(
@@ -177,16 +190,7 @@ async def test_a_page_read_that_hangs_does_not_lengthen_its_request_timeout(
     mongod.send_signal(signal.SIGSTOP)  # neither the gateway nor the worker gets an answer
     try:
         page_sent = loop.time()
-        await pair.b.ws.send_str(
-            orjson.dumps(
-                {"event_type": "get_history", "chat_id": pair.chat, "token": pair.b.token,
-                 "request_id": "page"}
-            ).decode()
-        )  # fmt: skip
-        deadline = time.monotonic() + 5
-        while not app[HUB].reading:
-            assert time.monotonic() < deadline, "the page was not read by the gateway"
-            await asyncio.sleep(0.005)
+        await ask_page_read_by_gateway(app, pair.b, pair.chat, "page")
         # While the read hangs, a send is forwarded: due after the page, ahead of it in
         # the gateway's queue of requests (the page is forwarded when its read gives up).
         await asyncio.sleep(0.4)
@@ -231,16 +235,7 @@ async def test_a_drain_waits_for_a_page_being_read(
     assert mongod is not None
     mongod.send_signal(signal.SIGSTOP)  # the read waits (well under its 1 s bound)
     try:
-        await b.ws.send_str(
-            orjson.dumps(
-                {"event_type": "get_history", "chat_id": pair.chat, "token": b.token,
-                 "request_id": "owed"}
-            ).decode()
-        )  # fmt: skip
-        deadline = time.monotonic() + 5
-        while not app[HUB].reading:
-            assert time.monotonic() < deadline, "the page was not read by the gateway"
-            await asyncio.sleep(0.005)
+        await ask_page_read_by_gateway(app, b, pair.chat, "owed")
         drain = asyncio.create_task(app[DRAIN].run(app[HUB]))
         await asyncio.sleep(0.3)
         assert not b.closed.done(), "closed while a page was still owed"
