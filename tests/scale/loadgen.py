@@ -501,8 +501,7 @@ class LoadGen:
         while due and not self.stopping:
             sched, i, n = due[0]
             if sched >= end:
-                heapq.heappop(due)  # this sender's window is over (the others' are too)
-                continue
+                break  # the earliest is past the window: every sender is done
             now = time.monotonic_ns()
             if sched - now > 1_000_000:
                 # Once, then it is written: checking again would spin the loop through
