@@ -64,8 +64,9 @@ class ChatState:
         self.digest = digest
         # When that token expires (unix seconds; None: never): no pushes after it.
         self.expires_at = expires_at
-        # When a worker last confirmed the grant (monotonic): the node reads history
-        # pages itself only within AUTH_CACHE_TTL_SECONDS of it.
+        # When the worker's view of MongoDB that the grant rests on was read (monotonic:
+        # the grant's arrival less its age): the node reads history pages itself only
+        # within AUTH_CACHE_TTL_SECONDS of it.
         self.granted_at = granted_at
         self.held: dict[int, bytes] | None = None
 

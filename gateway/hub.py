@@ -209,9 +209,9 @@ class Hub:
     def _reads_here(self, conn: Connection, request: protocol.Request, digest: str) -> bool:
         """Whether this node may read the page of a ``get_history`` itself.
 
-        Only for a socket a worker has authorised for the chat with this very token,
-        lately enough that the worker would still answer from its cache
-        (AUTH_CACHE_TTL_SECONDS), with no revocation or expiry since; with none of its
+        Only for a socket a worker has authorised for the chat with this very token, on
+        a view of MongoDB the worker would still answer from (read within
+        AUTH_CACHE_TTL_SECONDS), with no revocation or expiry since; with none of its
         own requests in flight, so every send it was answered for is stored; and with no
         gap being filled, so the pushes it was sent are every message up to its last
         id. Anything else goes to the worker, which decides as before.
@@ -324,6 +324,7 @@ class Hub:
             received_at=time.time() - elapsed,
             timeout=remaining,
             reply_on_push=True,
+            carried_age=True,
         )
         stream = self.keys.stream(partition_of(chat_id, self.settings.partitions))
         if not self.producer.submit(stream, encode_stream_entry(entry)):
@@ -449,7 +450,9 @@ class Hub:
         frame = push.mine
         if pending.request_id is not None:
             frame = protocol.with_request_id(frame, pending.request_id)
-        grant = Grant(push.chat_id, push.author, push.seq, push.reply_expires_at)
+        grant = Grant(
+            push.chat_id, push.author, push.seq, push.reply_expires_at, age=push.reply_age or 0.0
+        )
         self._answer(pending, frame, grant, None)
 
     def _answer(
@@ -526,9 +529,13 @@ class Hub:
             # Decided on a worker's view from before the revocation: the reply goes out
             # (as for any request within AUTH_CACHE_TTL_SECONDS), the pushes do not.
             return True
+        # Counted from the worker's read of what it decided on, which its cache may have
+        # kept for up to AUTH_CACHE_TTL_SECONDS before this grant: a change made straight
+        # in MongoDB then reaches this node's own page reads within the TTL, not twice it.
+        checked_at = time.monotonic() - grant.age
         if state is None:
             conn.chats[grant.chat_id] = ChatState(
-                grant.user_id, grant.head, pending.digest, grant.expires_at, time.monotonic()
+                grant.user_id, grant.head, pending.digest, grant.expires_at, checked_at
             )
             self.chats.setdefault(grant.chat_id, {})[conn.conn_id] = conn
             # The socket keeps its own reference on the channel while authorised.
@@ -537,7 +544,7 @@ class Hub:
         state.user_id = grant.user_id
         state.digest = pending.digest
         state.expires_at = grant.expires_at
-        state.granted_at = time.monotonic()
+        state.granted_at = checked_at
         if pending.event_type not in protocol.SEND_EVENTS:
             # A history page changes nothing about which pushes this socket has had.
             return True

@@ -59,6 +59,9 @@ class StreamEntry:
     # gateway of an earlier release does not say so, and gets its reply on its node
     # channel as before.
     reply_on_push: bool = False
+    # The gateway reads the age of a carried reply's grant (``Push.reply_age``, a fourth
+    # element in the push's origin list): a gateway of an earlier release unpacks three.
+    carried_age: bool = False
 
 
 def encode_stream_entry(entry: StreamEntry) -> bytes:
@@ -75,7 +78,7 @@ def encode_stream_entry(entry: StreamEntry) -> bytes:
             "m": entry.message,
             "ts": entry.received_at,
             "to": entry.timeout,
-            **({"rp": 1} if entry.reply_on_push else {}),
+            **({"rp": 2 if entry.carried_age else 1} if entry.reply_on_push else {}),
         }
     )
 
@@ -83,6 +86,7 @@ def encode_stream_entry(entry: StreamEntry) -> bytes:
 def decode_stream_entry(data: bytes) -> StreamEntry:
     """Inverse of :func:`encode_stream_entry`; raises ValueError/KeyError when corrupt."""
     raw = orjson.loads(data)
+    asks = raw.get("rp")
     return StreamEntry(
         node=raw["n"],
         conn=raw["c"],
@@ -94,7 +98,8 @@ def decode_stream_entry(data: bytes) -> StreamEntry:
         message=raw["m"],
         received_at=raw["ts"],
         timeout=raw.get("to"),
-        reply_on_push=bool(raw.get("rp")),
+        reply_on_push=bool(asks),
+        carried_age=isinstance(asks, int) and asks >= 2,
     )
 
 
@@ -117,6 +122,10 @@ class Grant:
     expires_at: float | None = None
     # The id of the message a send's reply carries when it is not ``head`` (None: it is).
     message_id: int | None = None
+    # Seconds since the worker read from MongoDB the token and the chat's members it
+    # decided on (its cache entries may be up to AUTH_CACHE_TTL_SECONDS old): a gateway
+    # counts its own page reads' window from that read, not from the grant's arrival.
+    age: float = 0.0
 
     @property
     def carries(self) -> int:
@@ -147,6 +156,8 @@ def encode_reply_envelope(reply: Reply) -> bytes:
             # A key of its own, so that the grant's list keeps its shape for a gateway of
             # the previous release (which then takes the chat's head for the message's id).
             header["s"] = grant.message_id
+        if grant.age:
+            header["a"] = round(grant.age, 3)
     if reply.revoke is not None:
         header["x"] = reply.revoke
     return orjson.dumps(header) + b"\n" + reply.frame
@@ -159,7 +170,14 @@ def decode_reply_envelope(data: bytes) -> Reply:
     grant = None
     if "g" in header:
         chat_id, user_id, head, *expiry = header["g"]
-        grant = Grant(chat_id, user_id, head, expiry[0] if expiry else None, header.get("s"))
+        grant = Grant(
+            chat_id,
+            user_id,
+            head,
+            expiry[0] if expiry else None,
+            header.get("s"),
+            header.get("a", 0.0),
+        )
     return Reply(
         conn=header["c"],
         req=header["q"],
@@ -191,19 +209,25 @@ class Push:
     reply_req: int | None = None
     # When the author's token expires (Unix seconds; None: never), for the grant.
     reply_expires_at: float | None = None
+    # The grant's age (Grant.age), for a gateway that reads it (StreamEntry.carried_age);
+    # None: not sent.
+    reply_age: float | None = None
 
 
 def encode_push(push: Push) -> bytes:
     """Chat-channel payload: header line, the ``is_my: true`` frame, the ``false`` frame.
 
     The header has six fields. A carried reply goes in the fifth one's place, as
-    ``[origin_conn, reply_req, reply_expires_at]``: a gateway of the previous release
-    unpacks exactly six fields, and reads the fifth only when the push comes from a
-    request of its own, which a gateway that asks for carried replies never is.
+    ``[origin_conn, reply_req, reply_expires_at]``, and ``reply_age`` after them when
+    set: a gateway of the previous release unpacks exactly six fields, and reads the
+    fifth only when the push comes from a request of its own, which a gateway that asks
+    for carried replies never is; one that asks without ``carried_age`` unpacks three.
     """
     origin: int | list[Any] = push.origin_conn
     if push.reply_req is not None:
         origin = [push.origin_conn, push.reply_req, push.reply_expires_at]
+        if push.reply_age is not None:
+            origin.append(round(push.reply_age, 3))
     header = orjson.dumps(
         [push.chat_id, push.seq, push.author, push.origin_node, origin, push.stored_at]
     )
@@ -215,9 +239,11 @@ def decode_push(data: bytes) -> Push:
     first = data.index(b"\n")
     second = data.index(b"\n", first + 1)
     chat_id, seq, author, node, origin, stored_at = orjson.loads(data[:first])
-    reply_req = expires_at = None
+    reply_req = expires_at = age = None
     if isinstance(origin, list):
-        origin, reply_req, expires_at = origin
+        origin, reply_req, expires_at, *more = origin
+        if more:
+            age = more[0]
     return Push(
         chat_id=chat_id,
         seq=seq,
@@ -229,6 +255,7 @@ def decode_push(data: bytes) -> Push:
         other=data[second + 1 :],
         reply_req=reply_req,
         reply_expires_at=expires_at,
+        reply_age=age,
     )
 
 

@@ -150,3 +150,30 @@ async def test_refresh_reads_many_keys_in_slices(
     found = await authenticator.identities_for(digests)
     assert all(found[d] is not None for d in digests)
     assert _count(authenticator, "miss") == 5
+
+
+async def test_look_ups_say_when_what_they_found_was_read_from_mongodb(
+    auth: tuple[Authenticator, Clock], seed: Seeder
+) -> None:
+    """How old a decision may be (a grant's age): a cached entry was read when it was
+    loaded or refreshed, not when it is found; a miss is read now."""
+    authenticator, clock = auth
+    user, token = await seed.user()
+    _, other = await seed.user()
+    chat = await seed.chat(user)
+    digest, late = token_digest(token), token_digest(other)
+    loaded = clock.now
+    await authenticator.identities_for([digest])
+    await authenticator.members_of([chat])
+    clock.now += 0.6 * TTL
+    tokens: dict[str, float] = {}
+    chats: dict[str, float] = {}
+    await authenticator.identities_for([digest, late], tokens)
+    await authenticator.members_of([chat], chats)
+    assert tokens == {digest: loaded, late: clock.now} and chats == {chat: loaded}
+    refreshed = clock.now
+    assert await authenticator.refresh(within=TTL / 2) == 2
+    clock.now += 0.1 * TTL
+    await authenticator.identities_for([digest], tokens)
+    await authenticator.members_of([chat], chats)
+    assert tokens[digest] == chats[chat] == refreshed

@@ -119,6 +119,42 @@ async def test_other_tokens_and_old_grants_go_to_a_worker(
     assert sample(app, READS, by="gateway") == 1
 
 
+@pytest.mark.parametrize("late_grant", ["send", "page"])
+async def test_a_change_made_straight_in_mongodb_reaches_the_gateways_pages_within_the_ttl(
+    stack: Stack, seed: Seeder, late_grant: str
+) -> None:
+    """A member removed straight in MongoDB (not announced) gets no page from the
+    gateway once AUTH_CACHE_TTL_SECONDS have passed since the worker read the chat, even
+    after a grant the worker gave late in that window on its cached view: the gateway
+    counts the window from the worker's read (the grant's age), not from the grant.
+    Counted from the grant, the page below would be read by the gateway and succeed."""
+    ttl = 4.0
+    alice, _ = await seed.user("Alice")
+    bob, b_token = await seed.user("Bob")
+    chat = await seed.chat(alice, bob)
+    await stack.worker(auth_cache_ttl=ttl)
+    url = await stack.gateway(auth_cache_ttl=ttl)
+    app = app_of(stack, url)
+    b = await stack.client(url, b_token)
+    assert (await b.join(chat))["type"] == "success"  # the worker reads token and chat
+    read = time.monotonic()  # they were read before this
+    await seed.store.chats.update_one({"_id": chat}, {"$pull": {"member_ids": bob}})
+    # Well inside the worker's cache of them, and before its refresher reads them again
+    # (half a TTL before they expire).
+    await asyncio.sleep(0.3 * ttl)
+    asker = b
+    if late_grant == "send":  # a carried reply's grant
+        late = await b.send_text(chat, "allowed on the cached view")
+    else:  # a worker's page: a grant on the node channel
+        asker = await stack.client(url, b_token)
+        late = await asker.join(chat)
+    assert late["type"] == "success"
+    await asyncio.sleep(max(0.0, read + ttl + 0.6 - time.monotonic()))
+    refused = await asker.request("get_history", chat)
+    assert refused["type"] == "chat_not_exists"
+    assert sample(app, READS, by="gateway") == 0
+
+
 async def test_a_page_asked_while_a_send_is_in_flight_shows_the_send(
     stack: Stack, seed: Seeder
 ) -> None:

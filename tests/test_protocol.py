@@ -161,6 +161,15 @@ def test_codec_round_trips() -> None:
     assert decode_reply_envelope(encode_reply_envelope(expiring)) == expiring
     retry = Reply(4, 7, frame, grant=Grant("c1", "u", 9, message_id=3))
     assert decode_reply_envelope(encode_reply_envelope(retry)) == retry
+    aged = Reply(4, 8, frame, grant=Grant("c1", "u", 9, 1_900_000_000.5, age=2.25))
+    assert decode_reply_envelope(encode_reply_envelope(aged)) == aged
+    # The age has a key of its own: the grant's list keeps the previous release's shape.
+    assert orjson.loads(encode_reply_envelope(aged).split(b"\n")[0])["g"] == [
+        "c1",
+        "u",
+        9,
+        1_900_000_000.5,
+    ]
     assert (Grant("c1", "u", 9, message_id=3).carries, Grant("c1", "u", 8).carries) == (3, 8)
     # A worker of the previous version sends grants without an expiry.
     old_grant = b'{"c":4,"q":5,"g":["c1","u",7]}\n' + frame
@@ -199,6 +208,27 @@ def test_a_push_that_carries_a_reply_still_reads_as_a_push_to_the_previous_relea
     # And the previous release's pushes read here without a reply.
     old = orjson.dumps(["c1", 3, "u1", "n1", 2, 1.25]) + b"\n{}\n{}"
     assert decode_push(old) == Push("c1", 3, "u1", "n1", 2, 1.25, b"{}", b"{}")
+
+
+def test_a_carried_replys_grant_age_goes_only_to_a_gateway_that_reads_it() -> None:
+    """A gateway that asks for carried replies without their age (the release before
+    the age) unpacks a three-element origin list; one that asks for the age gets four."""
+    aged = Push("c1", 3, "u1", "n1", 2, 1.25, b"{}", b"{}", 17, None, 1.5)
+    assert decode_push(encode_push(aged)) == aged
+    first = encode_push(aged).index(b"\n")
+    assert orjson.loads(encode_push(aged)[:first])[4] == [2, 17, None, 1.5]
+    unaged = Push("c1", 3, "u1", "n1", 2, 1.25, b"{}", b"{}", 17, None)
+    data = encode_push(unaged)
+    _conn, reply_req, expires_at = orjson.loads(data[: data.index(b"\n")])[4]
+    assert (reply_req, expires_at) == (17, None)
+    assert decode_push(data).reply_age is None
+    entry = StreamEntry("n", 1, 2, None, "c", "d", "send_message", None, 1.0, 5.0, True, True)
+    encoded = encode_stream_entry(entry)
+    assert orjson.loads(encoded)["rp"] == 2 and decode_stream_entry(encoded) == entry
+    # The release before reads any true "rp" as asking for the carried reply.
+    entry.carried_age = False
+    assert orjson.loads(encode_stream_entry(entry))["rp"] == 1
+    assert decode_stream_entry(encode_stream_entry(entry)) == entry
 
 
 def test_a_stream_entry_asks_for_its_reply_on_the_push_only_when_it_says_so() -> None:

@@ -73,6 +73,15 @@ class TTLCache(Generic[V]):
         self._used.add(key)
         return True, hit[1]
 
+    def entry(self, key: str, now: float) -> tuple[float, V | None] | None:
+        """(when it was read from the source, value), or None when absent or expired; a
+        found key counts as used, as with :meth:`get`."""
+        hit = self._data.get(key)
+        if hit is None or hit[0] < now:
+            return None
+        self._used.add(key)
+        return hit[0] - self.ttl, hit[1]
+
     def put(self, key: str, value: V | None, now: float) -> None:
         """Store ``value`` (None caches an absence), read from the source at or after
         ``now``: it expires at ``now + ttl``."""
@@ -211,29 +220,38 @@ class Authenticator:
             cache.fill(part, await self.metrics.mongo_call("auth", load(part)), now)
             self.metrics.auth_result("refreshed").inc(len(part))
 
-    async def identities_for(self, digests: Iterable[str]) -> dict[str, Identity | None]:
-        """Identity (or None) for each digest."""
-        return await self._resolve(self.identities, digests, self._load_identities)
+    async def identities_for(
+        self, digests: Iterable[str], read_at: dict[str, float] | None = None
+    ) -> dict[str, Identity | None]:
+        """Identity (or None) for each digest; ``read_at`` gets when each was read from
+        MongoDB (on :attr:`clock`), which is how old a decision taken on it may be."""
+        return await self._resolve(self.identities, digests, self._load_identities, read_at)
 
-    async def members_of(self, chat_ids: Iterable[str]) -> dict[str, frozenset[str] | None]:
-        """Member ids (or None for a missing chat) for each chat."""
-        return await self._resolve(self.members, chat_ids, self._load_members)
+    async def members_of(
+        self, chat_ids: Iterable[str], read_at: dict[str, float] | None = None
+    ) -> dict[str, frozenset[str] | None]:
+        """Member ids (or None for a missing chat) for each chat; ``read_at`` as for
+        :meth:`identities_for`."""
+        return await self._resolve(self.members, chat_ids, self._load_members, read_at)
 
     async def _resolve(
         self,
         cache: TTLCache[V],
         keys: Iterable[str],
         load: Callable[[list[str]], Awaitable[dict[str, V]]],
+        read_at: dict[str, float] | None,
     ) -> dict[str, V | None]:
         now = self.clock()
         found: dict[str, V | None] = {}
         missing: list[str] = []
         for key in set(keys):
-            hit, value = cache.get(key, now)
-            if hit:
-                found[key] = value
-            else:
+            hit = cache.entry(key, now)
+            if hit is None:
                 missing.append(key)
+                continue
+            found[key] = hit[1]
+            if read_at is not None:
+                read_at[key] = hit[0]
         if found:
             self.metrics.auth_result("hit").inc(len(found))
         if missing:
@@ -241,6 +259,9 @@ class Authenticator:
             found.update(
                 cache.fill(missing, await self.metrics.mongo_call("auth", load(missing)), now)
             )
+            if read_at is not None:
+                # Read after ``now``: counting from it errs towards older, never younger.
+                read_at.update(dict.fromkeys(missing, now))
         return found
 
     async def _load_identities(self, digests: list[str]) -> dict[str, Identity]:

@@ -38,6 +38,9 @@ class Item:
     entry_id: str
     partition: int
     entry: StreamEntry
+    # When the worker read from MongoDB what it authorised this request on: the older of
+    # its token's and its chat's cache entries (Authenticator.clock). Grants say how old.
+    checked_at: float = 0.0
 
     @property
     def event_id(self) -> str:
@@ -175,8 +178,10 @@ class Processor:
         digests = {i.entry.token_digest for i in items if i.entry.token_digest}
         # Timed by the authenticator, and only when it reads MongoDB: a cache hit is not
         # a MongoDB operation, and timing one put ~0 s samples in that histogram.
-        identities = await self.auth.identities_for(digests)
-        members = await self.auth.members_of({i.entry.chat_id for i in items})
+        token_read: dict[str, float] = {}
+        chat_read: dict[str, float] = {}
+        identities = await self.auth.identities_for(digests, token_read)
+        members = await self.auth.members_of({i.entry.chat_id for i in items}, chat_read)
         now = self.clock()
         segment: list[tuple[Item, Identity]] = []
         # Consecutive history reads see the same data: they run concurrently, each in
@@ -196,6 +201,7 @@ class Processor:
                 # A non-member learns nothing more than for a chat that does not exist.
                 self._error(outcome, item, protocol.CHAT_NOT_EXISTS, protocol.DETAIL_NO_CHAT)
                 continue
+            item.checked_at = min(token_read[entry.token_digest], chat_read[entry.chat_id])
             if entry.event_type in protocol.SEND_EVENTS:
                 if reads:
                     await self._read_histories(outcome, reads)
@@ -280,9 +286,13 @@ class Processor:
         head = self.counters.get(entry.chat_id)
         user = identity.user_id
         frame = protocol.history_frame(page, user, entry.request_id)
-        grant = Grant(entry.chat_id, user, head, identity.expires_at)
+        grant = Grant(entry.chat_id, user, head, identity.expires_at, age=self._age(item))
         self.metrics.event(entry.event_type, protocol.SUCCESS).inc()
         return Reply(entry.conn, entry.req, frame, grant=grant)
+
+    def _age(self, item: Item) -> float:
+        """Seconds since what ``item`` was authorised on was read from MongoDB."""
+        return max(0.0, self.auth.clock() - item.checked_at)
 
     # -- sends -------------------------------------------------------------------
 
@@ -393,6 +403,7 @@ class Processor:
                     head,
                     identity.expires_at,
                     None if seq == head else seq,
+                    self._age(item),
                 )
                 outcome.reply(entry.node, Reply(entry.conn, entry.req, mine, grant=grant))
                 if not push:
@@ -423,6 +434,7 @@ class Processor:
                     # request and the token's expiry need saying.
                     reply_req=entry.req if rides else None,
                     reply_expires_at=identity.expires_at if rides else None,
+                    reply_age=self._age(item) if rides and entry.carried_age else None,
                 )
             )
         for event_type, n in answered.items():
