@@ -119,6 +119,9 @@ class Hub:
         # tells which ones those are.
         self._own_timers: dict[int, asyncio.TimerHandle] = {}
         self._last_deadline = 0.0
+        # The event loop, once known: on Python 3.11 each asyncio.get_running_loop() is a
+        # getpid() system call, ~1 µs a request on a loaded gateway.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
         self._req_ids = itertools.count(1)
         self._fills: dict[str, Fill] = {}
@@ -333,7 +336,9 @@ class Hub:
                 self.metrics.overload_refusals.inc()
                 self._fail(conn, event_type, request_id, "Server is overloaded, retry later")
             return False
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + remaining
         self.pending[req] = Pending(
             conn, chat_id, event_type, request_id, received_at, digest, deadline, fill=fill

@@ -185,6 +185,8 @@ class WireConnection:
         self, protocol: _Protocol, address: tuple[str, int], timeout: float | None
     ) -> None:
         self._protocol = protocol
+        # Bound once: on Python 3.11 each asyncio.get_running_loop() is a getpid() call.
+        self._loop = asyncio.get_running_loop()
         self._ids = itertools.count(1)
         self.address = address
         self.timeout = timeout
@@ -272,7 +274,7 @@ class WireConnection:
             parts.append(label)
             parts.append(encoded)
         payload = b"".join(parts)
-        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[bytes] = self._loop.create_future()
         protocol.waiting[request_id] = waiter
         transport.write(HEADER.pack(16 + len(payload), request_id, 0, OP_MSG) + payload)
         try:
