@@ -25,6 +25,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -33,9 +34,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.scale import machine, server_time
 from tests.scale import probe as probing
 from tests.scale import report as reporting
-from tests.scale import server_time
 from tests.scale.common import (
     fd_limit,
     merge_encoded,
@@ -767,6 +768,7 @@ def run_step(
                 f"no socket could connect; loadgen log:\n{tail(loadgens[0].log_path)}"
             )
         after_connect = target.sup.sample()
+        speed = machine.check()
 
         # Measured window.
         go_ns = time.monotonic_ns() + 500_000_000
@@ -778,8 +780,10 @@ def run_step(
         s0 = target.sup.sample()
         totals0 = target.metric_totals()
         busy0 = machine_busy_seconds()
+        steal0 = machine.steal_seconds()
         self0 = _self_cpu()
         progress = Progress(label, duration)
+        loops: list[float] = []
         latest: dict[int, dict[str, Any]] = {}
         samples: list[dict[str, Any]] = []
         next_sample = time.monotonic() + 1.0
@@ -800,9 +804,12 @@ def run_step(
                 samples.append({"t": round(elapsed, 1), "cpu_s": cpu_by_kind(prev, cur)})
                 prev = cur
                 next_sample += 1.0
+                # A tenth of the fixed loop, once a second: ~2 ms of this process's CPU.
+                loops.append(10 * machine.python_loop_ms(machine.LOOP_N // 10, 1))
         s1 = target.sup.sample()
         totals1 = target.metric_totals()
         busy1 = machine_busy_seconds()
+        steal1 = machine.steal_seconds()
         self1 = _self_cpu()
         progress.update(duration, _sum(latest), force=True)
         progress.done()
@@ -951,6 +958,14 @@ def run_step(
             "rss_kb_per_connection_this_step": per_conn,
         },
         "cpu_timeline": samples,
+        "machine": {
+            **speed,
+            "python_loop_ms_in_window": {
+                "median": round(statistics.median(loops), 2) if loops else None,
+                "max": round(max(loops), 2) if loops else None,
+            },
+            "steal_cores": round((steal1 - steal0) / duration, 3),
+        },
         "loadgen_gc": loadgen_gc,
         "slowest_seconds": slowest_seconds([r.get("timeline", {}) for r in results], duration),
         "server_time": server_time.window(totals0, totals1, duration, args.workers)
@@ -1117,6 +1132,9 @@ def _print_step(step: dict[str, Any]) -> None:
         f"  server CPU {step['cpu']['server_cores']} cores, loadgen {step['cpu']['loadgen_cores']} cores; "
         f"errors {step['errors'] or 0}; verification {'PASSED' if v['passed'] else 'FAILED ' + str(v['failures'])}"
     )
+    speed = step.get("machine")
+    if speed:
+        say(f"  machine: {machine.describe(speed)}")
     if step["disturbed"]:
         say(
             f"  WARNING: other processes used {step['cpu']['other_cores']} cores during this "

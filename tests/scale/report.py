@@ -13,7 +13,7 @@ from typing import Any
 from pymongo import MongoClient
 
 from shared.mongo import client_options
-from tests.scale import goals
+from tests.scale import goals, machine
 from tests.scale import probe as probing
 from tests.scale.common import fd_limit, with_query
 from tests.scale.procs import ROOT
@@ -289,6 +289,11 @@ def markdown(report: dict[str, Any]) -> str:
                 "CPU seconds in the measured window, by process kind: "
                 + json.dumps(last["cpu_s_window"]),
             ]
+            if last.get("machine"):
+                lines += [
+                    "",
+                    f"The machine's speed ({machine.MEANING}): {machine.describe(last['machine'])}",
+                ]
             if last.get("server_time"):
                 lines += [
                     "",

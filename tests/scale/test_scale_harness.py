@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.scale import machine
 from tests.scale import report as reporting
 from tests.scale.common import (
     LatencyLog,
@@ -249,6 +250,26 @@ def test_slowest_seconds_merge_the_generators_and_keep_to_the_window() -> None:
     assert slowest_seconds([], duration=3.0) == []
 
 
+def test_the_machine_check_times_a_loop_and_a_wake_up_round_trip() -> None:
+    """Both figures are measured (not defaults), and the echo child is gone after."""
+    before = set(Path("/proc").iterdir())
+    speed = machine.check()
+    assert 0.1 < speed["python_loop_ms"] < 10_000
+    assert 1 < speed["wakeup_round_trip_us"] < 1_000_000
+    children = [p for p in set(Path("/proc").iterdir()) - before if p.name.isdigit()]
+    assert not [p for p in children if "os.read(0, 1)" in _cmdline(p)]
+    assert machine.steal_seconds() >= 0
+    line = machine.describe({**speed, "steal_cores": 0.0})
+    assert f"wake-up round trip {speed['wakeup_round_trip_us']:g} µs" in line
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_harness_end_to_end_on_aiohttp_peer(tmp_path: Path) -> None:
     """A 2-second run on the in-memory peer: every process starts, verifies, stops."""
     report_dir, result = _short_chat_run(tmp_path, "aiohttp")
@@ -303,6 +324,12 @@ def test_harness_end_to_end_on_ours(tmp_path: Path) -> None:
         in (report_dir / "report.md").read_text()
     )
     assert "ours: one request at a time, 2 ms apart, p50 ms: gateway " in result["terminal"]
+    # How fast the machine was: before the window, and its loop once a second in it.
+    speed = step["machine"]
+    assert speed["python_loop_ms"] > 0 and speed["wakeup_round_trip_us"] > 0
+    assert speed["python_loop_ms_in_window"]["median"] > 0 and speed["steal_cores"] >= 0
+    assert "The machine's speed (" in (report_dir / "report.md").read_text()
+    assert "  machine: Python loop " in result["terminal"]
 
 
 def test_harness_end_to_end_on_the_chain_floor(tmp_path: Path) -> None:
