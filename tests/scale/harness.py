@@ -25,7 +25,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -768,7 +767,7 @@ def run_step(
                 f"no socket could connect; loadgen log:\n{tail(loadgens[0].log_path)}"
             )
         after_connect = target.sup.sample()
-        speed = machine.check()
+        speed_before = machine.check()
 
         # Measured window.
         go_ns = time.monotonic_ns() + 500_000_000
@@ -783,7 +782,6 @@ def run_step(
         steal0 = machine.steal_seconds()
         self0 = _self_cpu()
         progress = Progress(label, duration)
-        loops: list[float] = []
         latest: dict[int, dict[str, Any]] = {}
         samples: list[dict[str, Any]] = []
         next_sample = time.monotonic() + 1.0
@@ -804,8 +802,6 @@ def run_step(
                 samples.append({"t": round(elapsed, 1), "cpu_s": cpu_by_kind(prev, cur)})
                 prev = cur
                 next_sample += 1.0
-                # A tenth of the fixed loop, once a second: ~2 ms of this process's CPU.
-                loops.append(10 * machine.python_loop_ms(machine.LOOP_N // 10, 1))
         s1 = target.sup.sample()
         totals1 = target.metric_totals()
         busy1 = machine_busy_seconds()
@@ -827,6 +823,8 @@ def run_step(
             except Exception:
                 pass
         s2 = target.sup.sample()
+        # After the drain, with the load generators gone: the machine as quiet as before.
+        speed_after = machine.check()
         results = []
         for i, out in enumerate(outs):
             if not out.exists():
@@ -959,11 +957,8 @@ def run_step(
         },
         "cpu_timeline": samples,
         "machine": {
-            **speed,
-            "python_loop_ms_in_window": {
-                "median": round(statistics.median(loops), 2) if loops else None,
-                "max": round(max(loops), 2) if loops else None,
-            },
+            "before": speed_before,
+            "after": speed_after,
             "steal_cores": round((steal1 - steal0) / duration, 3),
         },
         "loadgen_gc": loadgen_gc,

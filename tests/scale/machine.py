@@ -2,10 +2,11 @@
 
 On a shared VM the same code's figures drift by tens of percent over a day (the
 benchmark rounds of 7 December saw `chain`, unchanged, twice as slow as on 3 December),
-and CPU steal does not always show it. Each step measures, just before its window, the
-time of a fixed piece of Python and of a wake-up round trip between two processes (what
-every hop between the servers costs), so runs hours apart can be told apart by the
-machine's speed as well as by the code's.
+and CPU steal does not always show it. Each step measures, just before its window and
+again after its drain (not during it: there the measurement would wait for the cores the
+run keeps busy), the time of a fixed piece of Python and of a wake-up round trip between
+two processes (what every hop between the servers costs), so runs hours apart can be
+told apart by the machine's speed as well as by the code's.
 """
 
 from __future__ import annotations
@@ -83,16 +84,18 @@ MEANING = (
 )
 
 
-def describe(speed: dict[str, Any]) -> str:
-    """One line for a step's ``machine`` figures."""
-    window = speed.get("python_loop_ms_in_window") or {}
-    during = ""
-    if window.get("median") is not None:
-        during = f" (in the window: median {window['median']:g}, slowest second {window['max']:g})"
+def describe(machine: dict[str, Any]) -> str:
+    """One line for a step's ``machine`` figures (``before`` and ``after`` its window)."""
+
+    def one(speed: dict[str, float]) -> str:
+        return (
+            f"loop {speed['python_loop_ms']:g} ms, wake-up round trip "
+            f"{speed['wakeup_round_trip_us']:g} µs"
+        )
+
     return (
-        f"Python loop {speed['python_loop_ms']:g} ms before the window{during}; "
-        f"wake-up round trip {speed['wakeup_round_trip_us']:g} µs; "
-        f"steal {speed.get('steal_cores', 0.0):g} cores"
+        f"before the window {one(machine['before'])}; after it {one(machine['after'])}; "
+        f"CPU steal in it {machine.get('steal_cores', 0.0):g} cores"
     )
 
 
