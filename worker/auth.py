@@ -67,15 +67,12 @@ class TTLCache(Generic[V]):
 
     def get(self, key: str, now: float) -> tuple[bool, V | None]:
         """(found, value); an expired entry is not found."""
-        hit = self._data.get(key)
-        if hit is None or hit[0] < now:
-            return False, None
-        self._used.add(key)
-        return True, hit[1]
+        hit = self.entry(key, now)
+        return (False, None) if hit is None else (True, hit[1])
 
     def entry(self, key: str, now: float) -> tuple[float, V | None] | None:
-        """(when it was read from the source, value), or None when absent or expired; a
-        found key counts as used, as with :meth:`get`."""
+        """(when it was read from the source, value), or None when absent or expired. A
+        found key counts as used (see :meth:`due`)."""
         hit = self._data.get(key)
         if hit is None or hit[0] < now:
             return None
