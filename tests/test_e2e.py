@@ -290,28 +290,32 @@ async def test_fan_out_on_one_node(stack: Stack, seed: Seeder, one_node: str) ->
     await c.no_push(0.1)
 
 
-@pytest.mark.parametrize("carried", [True, False], ids=["reply_on_push", "previous_gateway"])
+@pytest.mark.parametrize("gateway", ["this_release", "without_age", "previous_release"])
 async def test_a_sends_reply_rides_on_its_push_unless_the_gateway_predates_it(
     stack: Stack,
     seed: Seeder,
     settings: Settings,
     redis: Redis,
     monkeypatch: pytest.MonkeyPatch,
-    carried: bool,
+    gateway: str,
 ) -> None:
     """A stored send's reply comes from its push (one PUBLISH, nothing on the node
     channel) when the gateway asks for it. Stream entries without the ask, as a gateway
     of the previous release writes them, get their reply on the node channel as before.
-    Clients see the same frames either way, with and without a request_id."""
-    if not carried:
+    A gateway that asks for the reply but not for its grant's age (the release before
+    the age) gets the three-element origin it unpacks. Clients see the same frames
+    either way, with and without a request_id."""
+    carried = gateway != "previous_release"
+    if gateway != "this_release":
         read = worker.consumer.decode_stream_entry
 
-        def previous_release(data: bytes) -> StreamEntry:
+        def earlier_release(data: bytes) -> StreamEntry:
             entry = read(data)
-            entry.reply_on_push = False
+            entry.carried_age = False
+            entry.reply_on_push = carried
             return entry
 
-        monkeypatch.setattr(worker.consumer, "decode_stream_entry", previous_release)
+        monkeypatch.setattr(worker.consumer, "decode_stream_entry", earlier_release)
     pair = await alice_and_bob(stack, seed)
     chat, a1, b = pair.chat, pair.a, pair.b
     a2 = await stack.client(pair.url, pair.a_token)
@@ -326,6 +330,7 @@ async def test_a_sends_reply_rides_on_its_push_unless_the_gateway_predates_it(
             "send_message", chat, {"type": "text", "text": "plain"}, plain=True
         )
         seen: list[str] = []
+        origins: list[object] = []
         deadline = asyncio.get_running_loop().time() + 5.0
         while len(seen) < (2 if carried else 4):
             assert asyncio.get_running_loop().time() < deadline, seen
@@ -333,7 +338,13 @@ async def test_a_sends_reply_rides_on_its_push_unless_the_gateway_predates_it(
             message = await watch.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is not None:
                 seen.append(message["channel"].decode().split(":")[-2])
+                if seen[-1] == "room":
+                    header = message["data"].split(b"\n", 1)[0]
+                    origins.append(orjson.loads(header)[4])
         assert seen == (["room"] * 2 if carried else ["node", "room"] * 2)
+        # [origin_conn, reply_req, expires_at(, age)] when carried, else origin_conn.
+        shapes = [len(o) if isinstance(o, list) else 0 for o in origins]
+        assert shapes == [{"this_release": 4, "without_age": 3}.get(gateway, 0)] * 2
     finally:
         await watch.aclose()
     assert reply["type"] == "success" and reply["request_id"] == "r-1"
