@@ -281,9 +281,7 @@ class Hub:
         frame = protocol.history_frame(page, state.user_id, request.request_id)
         self._history_here.inc()
         self._latency[protocol.GET_HISTORY].observe(time.monotonic() - received_at)
-        self._replies[protocol.SUCCESS].inc()
-        self._out_reply.inc()
-        conn.send(frame)
+        self.reply_now(conn, frame, protocol.SUCCESS)
         return True
 
     def _forward(
