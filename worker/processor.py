@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from shared import protocol
@@ -108,12 +109,20 @@ class Counters:
         return chat_ids - self._last.keys()
 
     async def load(self, chat_ids: set[str]) -> None:
-        """Make sure every chat in ``chat_ids`` has a counter."""
-        for chat_id in self.missing(chat_ids):
-            if len(self._last) >= self.max_chats:
-                for stale in list(self._last)[: self.max_chats // 10]:
-                    del self._last[stale]
-            self._last[chat_id] = await self.store.last_seq(chat_id)
+        """Make sure every chat in ``chat_ids`` has a counter (one query for all the
+        missing ones). At ``max_chats`` the counters loaded first are dropped, a tenth
+        at a time, except those of ``chat_ids``: the caller is about to use them."""
+        missing = self.missing(chat_ids)
+        if not missing:
+            return
+        loaded = await self.store.last_seqs(missing)
+        excess = len(self._last) + len(loaded) - self.max_chats
+        if excess > 0:
+            drop = max(excess, self.max_chats // 10)
+            stale = list(islice((c for c in self._last if c not in chat_ids), drop))
+            for chat in stale:
+                del self._last[chat]
+        self._last.update(loaded)
 
     def get(self, chat_id: str) -> int:
         """The chat's last id (call :meth:`load` first)."""

@@ -12,9 +12,9 @@ in its favour.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
-from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
+from pymongo import ASCENDING, IndexModel, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -97,12 +97,26 @@ class Store:
 
     # -- messages ----------------------------------------------------------------
 
-    async def last_seq(self, chat_id: str) -> int:
-        """The highest sequence id stored in a chat (0 when empty)."""
-        doc = await self.messages.find_one(
-            {"chat_id": chat_id}, {"seq": 1}, sort=[("seq", DESCENDING)]
-        )
-        return int(doc["seq"]) if doc else 0
+    async def last_seqs(self, chat_ids: Collection[str]) -> dict[str, int]:
+        """The highest sequence id stored in each of these chats (0 for an empty one).
+
+        One query for them all, however many: a worker meets every chat anew after it
+        starts or takes over partitions, and one query per chat made that first batch
+        wait ~0.6 ms a chat. Sorted as the ``(chat_id, seq)`` index runs backwards,
+        ``$group`` with ``$first`` lets mongod read one index key per chat (a
+        DISTINCT_SCAN), not a chat's every message.
+        """
+        found = dict.fromkeys(chat_ids, 0)
+        if not found:
+            return found
+        pipeline: list[Doc] = [
+            {"$match": {"chat_id": {"$in": list(found)}}},
+            {"$sort": {"chat_id": -1, "seq": -1}},
+            {"$group": {"_id": "$chat_id", "seq": {"$first": "$seq"}}},
+        ]
+        async for doc in await self.messages.aggregate(pipeline):
+            found[doc["_id"]] = int(doc["seq"])
+        return found
 
     async def find_existing(
         self, event_ids: Sequence[str], client_keys: Sequence[tuple[str, str, str]]

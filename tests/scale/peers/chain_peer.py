@@ -264,7 +264,7 @@ class Batch:
         if chat not in self.last:
             # As ours, a chat's last id is read once, by its first request (in the load's
             # set-up, a join): it may have been written before this worker started.
-            self.last[chat] = await self.store.last_seq(chat)
+            self.last[chat] = (await self.store.last_seqs([chat]))[chat]
         if entry[0] == "send_message":
             self.send(event_id, entry)
         else:
