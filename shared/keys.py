@@ -54,6 +54,11 @@ class Keys:
         """Sorted set of live workers (score: last heartbeat, unix seconds)."""
         return f"{self.prefix}:workers"
 
+    @property
+    def worker_connections(self) -> str:
+        """Hash of workers' presence connections (node id -> Redis client id)."""
+        return f"{self.prefix}:worker-connections"
+
     def stream_partition(self, stream: str) -> int:
         """Partition number of a stream key made by :meth:`stream`."""
         return int(stream.rsplit("{p", 1)[1].rstrip("}"))

@@ -403,6 +403,13 @@ class WorkerMetrics:
         self.partitions_owned = Gauge(
             "chat_worker_partitions_owned", "Partitions this worker holds a lease on.", registry=r
         )
+        self.partitions_taken = Counter(
+            "chat_worker_partitions_taken",
+            "Partition leases this worker took, by whom they were taken from: none (free: "
+            "released, or expired) or dead (a worker whose presence connection was gone).",
+            ["owner"],
+            registry=r,
+        )
         self.mongo_wire_connections = Gauge(
             "chat_worker_mongo_wire_connections",
             "Lean MongoDB connections open for inserts and history pages (MONGO_WIRE); "
@@ -454,6 +461,10 @@ class WorkerMetrics:
         """Count one batch retried for ``cause``."""
         self.retries.labels(cause).inc()
 
+    def partition_taken(self, owner: TakenFrom) -> None:
+        """Count one partition lease taken (``chat_worker_partitions_taken_total``)."""
+        self.partitions_taken.labels(owner).inc()
+
 
 def redis_reconnects(registry: CollectorRegistry) -> Counter:
     """``chat_redis_reconnects_total{component}``: connections re-established after a loss."""
@@ -488,6 +499,9 @@ MONGO_OPS: tuple[MongoOp, ...] = get_args(MongoOp)
 # Why a worker batch was retried (chat_worker_retries_total{cause}).
 RetryCause = Literal["already_stored", "stale_owner", "redis", "mongo"]
 RETRY_CAUSES: tuple[RetryCause, ...] = get_args(RetryCause)
+# Whom a worker took a partition from (chat_worker_partitions_taken_total{owner}).
+TakenFrom = Literal["none", "dead"]
+TAKEN_FROM: tuple[TakenFrom, ...] = get_args(TakenFrom)
 AuthCacheResult = Literal["hit", "miss", "refreshed"]
 AUTH_CACHE_RESULTS: tuple[AuthCacheResult, ...] = get_args(AuthCacheResult)
 
@@ -520,6 +534,8 @@ def prime_worker(metrics: WorkerMetrics) -> None:
         metrics.auth_cache.labels(result)
     for cause in RETRY_CAUSES:
         metrics.retries.labels(cause)
+    for owner in TAKEN_FROM:
+        metrics.partitions_taken.labels(owner)
     for op in MONGO_OPS:
         metrics.mongo_seconds.labels(op)
     metrics.redis_reconnects.labels(REDIS_COMPONENT_STREAMS)

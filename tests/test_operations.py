@@ -54,7 +54,13 @@ from tests.conftest import Servers
 from tests.support import ROOT, Client, Seeder, Stack, mongo_store
 from worker.auth import Authenticator
 from worker.consumer import Consumer, RedisClock, clock_offset
-from worker.partitions import ORPHAN_GRACE, PartitionManager
+from worker.partitions import (
+    DEAD_AFTER,
+    FREE_CHECK,
+    ORPHAN_GRACE,
+    PartitionManager,
+    judge_absent,
+)
 from worker.processor import Counters, Item, Processor, entry_age_ms
 from worker.store import Store
 
@@ -296,6 +302,8 @@ async def test_metrics_move_with_traffic_and_logs_stay_clean(
     causes = {"already_stored", "stale_owner", "redis", "mongo"}
     assert w1.label_values("chat_worker_retries_total", "cause") == causes
     assert all(w1.value("chat_worker_retries_total", cause=c) == 0 for c in causes)
+    assert w1.label_values("chat_worker_partitions_taken_total", "owner") == {"none", "dead"}
+    assert w1.value("chat_worker_partitions_taken_total", owner="dead") == 0
     assert w1.label_values("chat_worker_mongo_seconds_count", "op") == {
         "auth", "last_seq", "find_existing", "insert", "history",
     }  # fmt: skip
@@ -895,13 +903,79 @@ async def test_a_worker_below_its_share_sees_released_partitions_between_rounds(
         await b.release_all()
 
 
-async def test_worker_sigterm_hands_partitions_over_at_once(
-    stack: Stack, seed: Seeder, log_dir: Path, redis: Redis
+def test_a_worker_is_dead_once_its_registered_connection_has_been_gone_long_enough() -> None:
+    memory: dict[str, tuple[str, float]] = {}
+    dead, memory = judge_absent({"a": "7", "b": "9"}, memory, now=10.0, after=1.0)
+    assert dead == set() and memory == {"a": ("7", 10.0), "b": ("9", 10.0)}
+    # a reconnected (a new id, also not seen yet): its count starts again; b was seen
+    # present (not absent any more): forgotten.
+    dead, memory = judge_absent({"a": "12"}, memory, now=10.6, after=1.0)
+    assert dead == set() and memory == {"a": ("12", 10.6)}
+    dead, memory = judge_absent({"a": "12", "b": "9"}, memory, now=11.6, after=1.0)
+    assert dead == {"a"} and memory == {"a": ("12", 10.6), "b": ("9", 11.6)}
+
+
+async def test_a_live_worker_that_loses_its_presence_connection_keeps_its_partitions(
+    settings: Settings, redis: Redis, cleanup: None
 ) -> None:
-    """SIGTERM one of two workers mid-traffic: it finishes its batch, acks, releases
-    every lease (not left to expire); the other takes all partitions; no request fails
-    and every message is stored once with nothing left pending."""
-    lease = 6.0  # expiry would take 6 s; a release is taken at the next round (2 s)
+    """Its presence connection killed (as a Redis restart would), a worker registers a
+    new one well within DEAD_AFTER, so another worker looking all along never takes it
+    for dead; once its presence stops for good (the process died), it does."""
+    keys = Keys(settings.redis_prefix)
+    a, b = (
+        PartitionManager(
+            redis,
+            keys,
+            node,
+            settings.partitions,
+            60.0,
+            WorkerMetrics(),
+            redis_url=settings.redis_url,
+        )
+        for node in (f"{settings.node_id}-a", f"{settings.node_id}-b")
+    )
+    presence = asyncio.create_task(a.run_presence())
+    try:
+
+        async def registered() -> bytes | None:
+            return await redis.hget(keys.worker_connections, a.node_id)
+
+        first = await eventually("a to register its presence", registered)
+        await a.tick()
+        await b.tick()
+        assert a.owned == settings.partitions and b.owned == 0
+        await redis.execute_command("CLIENT", "KILL", "ID", first)
+        looked_until = time.monotonic() + 3 * DEAD_AFTER
+        while time.monotonic() < looked_until:
+            assert not await b.free_for_me()
+            await asyncio.sleep(FREE_CHECK)
+        assert await registered() not in (None, first)  # a new connection, registered
+        presence.cancel()  # a's process "dies": its presence connection closes
+        await asyncio.gather(presence, return_exceptions=True)
+        await eventually("b to see a dead", b.free_for_me, timeout=10 * DEAD_AFTER)
+        await b.tick()
+        assert b.owned == settings.partitions
+        holders = {await redis.get(keys.lease(p)) for p in range(settings.partitions)}
+        assert holders == {b.node_id.encode()}
+    finally:
+        presence.cancel()
+        await asyncio.gather(presence, return_exceptions=True)
+        await a.release_all()
+        await b.release_all()
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+async def test_a_stopped_workers_partitions_are_taken_over_at_once(
+    stack: Stack, seed: Seeder, log_dir: Path, redis: Redis, how: signal.Signals
+) -> None:
+    """Stop one of two workers mid-traffic; the other takes all its partitions long
+    before their leases could expire, no request fails and every message is stored once
+    with nothing left pending. SIGTERM: it finishes its batch, acks and releases every
+    lease. SIGKILL: its leases stay, naming it; Redis dropping its presence connection
+    tells the other it is dead, which takes them over."""
+    # Expiry would take the lease; a release is taken at the next look (0.2 s), a dead
+    # worker's leases after DEAD_AFTER (1 s). Long leases make expiry impossible in time.
+    lease = 6.0 if how == signal.SIGTERM else 60.0
     alice, token = await seed.user("Alice")
     chats = [await seed.chat(alice) for _ in range(8)]
     proc_1, wk_1 = stack.spawn("worker", log_dir, lease_seconds=lease, log_level="INFO")
@@ -937,19 +1011,22 @@ async def test_worker_sigterm_hands_partitions_over_at_once(
     sender = asyncio.create_task(traffic())
     await asyncio.sleep(0.5)
     sent_before = len(replies)
-    proc_1.send_signal(signal.SIGTERM)
+    proc_1.send_signal(how)
     signalled = time.monotonic()
-    assert await wait_exit(proc_1) == 0
+    assert await wait_exit(proc_1) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
     exited = time.monotonic()
-    # Released, not left to expire: no lease names the stopped worker any more.
     keys = Keys(stack.settings.redis_prefix)
     holders = [await redis.get(keys.lease(p)) for p in range(partitions)]
-    assert node_1.encode() not in holders, holders
+    if how == signal.SIGTERM:
+        # Released, not left to expire: no lease names the stopped worker any more.
+        assert node_1.encode() not in holders, holders
 
     async def all_on_2() -> bool:
         return (await readyz(stack, wk_2))[1].get("partitions") == list(range(partitions))
 
-    await eventually("the other worker to take every partition", all_on_2, every=0.02)
+    await eventually(
+        "the other worker to take every partition", all_on_2, timeout=lease / 4, every=0.02
+    )
     taken = time.monotonic()
     await asyncio.sleep(0.5)  # and traffic keeps flowing through it
     stop.set()
@@ -971,11 +1048,19 @@ async def test_worker_sigterm_hands_partitions_over_at_once(
         pending = await redis.xpending(keys.stream(p), CONSUMER_GROUP)
         assert pending["pending"] == 0, (p, pending)
     drained = [e for name, e in log_lines(log_dir) if e.get("msg") == "drained"]
-    assert [e["partitions"] for e in drained] == [len(owned_1)]
+    if how == signal.SIGTERM:
+        assert [e["partitions"] for e in drained] == [len(owned_1)]
+    else:
+        assert drained == []
+        on_2 = await scrape(stack, wk_2)
+        assert on_2.value("chat_worker_partitions_taken_total", owner="dead") == len(owned_1)
+        # The dead worker is forgotten: out of the live set and the registry.
+        assert await redis.zscore(keys.workers, node_1) is None
+        assert await redis.hget(keys.worker_connections, node_1) is None
     print(
-        f"\nworker drain: SIGTERM -> exit {exited - signalled:.2f}s, "
-        f"SIGTERM -> other worker owns all {partitions} partitions {taken - signalled:.2f}s "
-        f"(LEASE_SECONDS={lease:g}); {len(replies)} sends, none failed"
+        f"\nworker {how.name}: exit {exited - signalled:.2f}s, "
+        f"other worker owns all {partitions} partitions {taken - signalled:.2f}s "
+        f"after the signal (LEASE_SECONDS={lease:g}); {len(replies)} sends, none failed"
     )
 
 

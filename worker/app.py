@@ -121,6 +121,7 @@ async def _consumer_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.lease_seconds,
         metrics,
         backoff_cap=settings.retry_backoff_max,
+        redis_url=settings.redis_url,
     )
     counters = Counters(store)
     auth = Authenticator(store, settings.auth_cache_ttl, metrics)
@@ -145,6 +146,7 @@ async def _consumer_ctx(app: web.Application) -> AsyncIterator[None]:
     app[TASKS] = {
         "indexes": indexes,
         "leases": asyncio.create_task(partitions.run(), name="leases"),
+        "presence": asyncio.create_task(partitions.run_presence(), name="presence"),
         "consumer": asyncio.create_task(_after(indexes, consumer.run), name="consumer"),
         "mongo_ping": asyncio.create_task(_ping_mongo(app), name="mongo-ping"),
         "auth_refresh": asyncio.create_task(auth.run_refresh(), name="auth-refresh"),

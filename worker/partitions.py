@@ -14,9 +14,20 @@ Between rounds, every worker looks every ``FREE_CHECK`` seconds (one pipelined r
 trip) for free partitions. One below its fair share takes them at once: another worker
 released them (it drained, or handed back its surplus when this one joined), and the
 hand-over costs them a fraction of a second instead of up to a whole round. Any worker
-takes a partition that has stayed free for ``ORPHAN_GRACE`` seconds (its owner died and
-its lease expired), even above its share: by then every worker below its share has had
-two looks at it first.
+takes a partition that has stayed free for ``ORPHAN_GRACE`` seconds (its owner died),
+even above its share: by then every worker below its share has had two looks at it.
+
+A partition is free when no lease names an owner, or when its owner is dead. A lease
+outlives a crashed process by up to ``LEASE_SECONDS``, so each worker also keeps a
+*presence* connection to Redis and registers its client id; when the process dies its
+kernel closes that connection and Redis forgets the id at once. A worker whose
+registered id Redis has not had for ``DEAD_AFTER`` seconds, over looks that saw the
+same id, is dead: its partitions are taken over (compare-and-set on the lease) without
+waiting for its leases to run out. What this cannot see (a host that vanished without
+closing its connections, a Redis that refuses ``CLIENT LIST``, a worker of an earlier
+release that registers nothing) falls back to lease expiry. A live worker taken for dead
+(its presence connection lost for that long) loses its leases, as one paused past its
+lease does, and the same fence keeps the data safe.
 """
 
 from __future__ import annotations
@@ -25,13 +36,15 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Mapping
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from shared.backoff import Backoff
 from shared.keys import Keys
 from shared.metrics import WorkerMetrics
+from shared.resp import RespConnection, RespError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +66,56 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# A dead owner's lease, taken only if it still names that owner.
+_TAKE_OVER = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+# A dead worker leaves the live set (so fair shares count the living) and, once it holds
+# no lease, the registry; only while its registration is the one judged dead.
+_FORGET_DEAD = """
+if redis.call('hget', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('zrem', KEYS[2], ARGV[1])
+if ARGV[3] == '1' then
+  redis.call('hdel', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+# A worker whose registered presence connection Redis has not had for this long, in
+# looks that saw the same registration, is dead.
+DEAD_AFTER = 1.0
+# A live worker whose presence connection broke (Redis restarted) registers a new one
+# within this, well inside DEAD_AFTER.
+PRESENCE_BACKOFF_CAP = 0.5
+PRESENCE_TIMEOUT = 2.0
+
+
+def judge_absent(
+    absent: Mapping[str, str],
+    before: Mapping[str, tuple[str, float]],
+    now: float,
+    after: float = DEAD_AFTER,
+) -> tuple[set[str], dict[str, tuple[str, float]]]:
+    """(dead workers, what to remember for the next look).
+
+    ``absent``: workers whose registered client id Redis does not have now (node id ->
+    that id). ``before``: the last look's memory (node id -> (id, absent since)). A
+    worker is dead once its id has been missing for ``after`` seconds; a new id (it
+    reconnected) starts the count again, and a worker seen present is forgotten.
+    """
+    seen: dict[str, tuple[str, float]] = {}
+    for node, client_id in absent.items():
+        first = before.get(node)
+        since = first[1] if first is not None and first[0] == client_id else now
+        seen[node] = (client_id, since)
+    dead = {node for node, (_, since) in seen.items() if now - since >= after}
+    return dead, seen
 
 
 class PartitionManager:
@@ -67,8 +130,11 @@ class PartitionManager:
         lease_seconds: float,
         metrics: WorkerMetrics,
         backoff_cap: float = 2.0,
+        redis_url: str | None = None,
     ) -> None:
         self.redis = redis
+        # Where the presence connection goes; None: no presence, no fast take-over.
+        self.redis_url = redis_url
         self.keys = keys
         self.node_id = node_id
         self.partitions = partitions
@@ -82,6 +148,11 @@ class PartitionManager:
         self._changed = asyncio.Event()
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._take_over = redis.register_script(_TAKE_OVER)
+        self._forget_dead = redis.register_script(_FORGET_DEAD)
+        self._absent: dict[str, tuple[str, float]] = {}  # see judge_absent
+        self._dead_owner: dict[int, str] = {}  # free partition -> its dead owner
+        self._client_list = redis_url is not None  # False once Redis refused CLIENT LIST
         self.stopping = False
         self.healthy = False
 
@@ -153,17 +224,63 @@ class PartitionManager:
         return any(now - self._free_since[p] >= ORPHAN_GRACE for p in free)
 
     async def _free_now(self) -> tuple[int, list[int]]:
-        """(live workers, partitions nobody holds), in one round trip; remembers since
-        when each partition has been free."""
+        """(live workers, partitions nobody holds or whose owner is dead); remembers
+        since when each partition has been free. One pipelined round trip, and one more
+        (``CLIENT LIST``) while other workers are registered."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.workers)
             for partition in range(self.partitions):
-                pipe.exists(self.keys.lease(partition))
-            live, *taken = await pipe.execute()
-        free = [p for p, held in enumerate(taken) if not held and p not in self._valid_until]
+                pipe.get(self.keys.lease(partition))
+            pipe.hgetall(self.keys.worker_connections)
+            live, *holders, registered = await pipe.execute()
+        owners = [h.decode() if h else None for h in holders]
+        dead = await self._dead_workers(
+            {k.decode(): v.decode() for k, v in registered.items()}, set(owners)
+        )
+        self._dead_owner = {
+            p: owner
+            for p, owner in enumerate(owners)
+            if owner in dead and p not in self._valid_until
+        }
+        free = [
+            p
+            for p, owner in enumerate(owners)
+            if (owner is None or owner in dead) and p not in self._valid_until
+        ]
         now = time.monotonic()
         self._free_since = {p: self._free_since.get(p, now) for p in free}
+        # A dead worker still counts until the next look: it has just left the live set.
         return max(1, int(live)), free
+
+    async def _dead_workers(self, registered: dict[str, str], owners: set[str | None]) -> set[str]:
+        """Registered workers (other than this one) judged dead by :func:`judge_absent`;
+        each leaves the live set, and the registry once no lease names it."""
+        others = {node: cid for node, cid in registered.items() if node != self.node_id}
+        if not others or not self._client_list:
+            self._absent = {}
+            return set()
+        try:
+            listed = await self.redis.client_list(client_id=list(others.values()))
+        except ResponseError as exc:
+            # A managed Redis may refuse it: crashed workers' leases then just expire.
+            log.warning(
+                "CLIENT LIST refused: a dead worker's partitions wait for its leases",
+                extra={"error": repr(exc)},
+            )
+            self._client_list = False
+            return set()
+        present = {str(client["id"]) for client in listed}
+        absent = {node: cid for node, cid in others.items() if cid not in present}
+        dead, self._absent = judge_absent(absent, self._absent, time.monotonic())
+        for node in dead:
+            holds_none = node not in owners
+            forgotten = await self._forget_dead(
+                keys=[self.keys.worker_connections, self.keys.workers],
+                args=[node, others[node], "1" if holds_none else "0"],
+            )
+            if forgotten and holds_none:
+                log.info("dead worker forgotten", extra={"worker": node})
+        return dead
 
     async def tick(self) -> None:
         """One round: register, renew held leases, take or hand back to reach a fair share."""
@@ -208,12 +325,22 @@ class PartitionManager:
             if wanted <= 0 and time.monotonic() - self._free_since[partition] < ORPHAN_GRACE:
                 continue
             started = time.monotonic()
-            if await self.redis.set(self.keys.lease(partition), self.node_id, nx=True, px=ms):
+            lease = self.keys.lease(partition)
+            dead = self._dead_owner.get(partition)
+            if dead is None:
+                taken = await self.redis.set(lease, self.node_id, nx=True, px=ms)
+            else:
+                taken = await self._take_over(keys=[lease], args=[dead, self.node_id, ms])
+            if taken:
                 self._valid_until[partition] = started + 0.9 * self.lease
                 self._fresh.add(partition)
                 self._free_since.pop(partition, None)
                 wanted -= 1
-                log.info("partition acquired", extra={"partition": partition})
+                extra: dict[str, object] = {"partition": partition}
+                if dead is not None:
+                    extra["dead_owner"] = dead
+                log.info("partition acquired", extra=extra)
+                self.metrics.partition_taken("none" if dead is None else "dead")
                 self._changed.set()
 
     def _drop(self, partition: int) -> None:
@@ -244,5 +371,44 @@ class PartitionManager:
             await self.release(partition)
         try:
             await self.redis.zrem(self.keys.workers, self.node_id)
+            await self.redis.hdel(self.keys.worker_connections, self.node_id)
         except (RedisError, OSError):
             pass
+
+    async def run_presence(self) -> None:
+        """Hold the presence connection and keep its client id registered, until
+        cancelled (see the module's docstring). Re-registered every ``FREE_CHECK``, so a
+        registration lost or overwritten is put back before anyone could judge it."""
+        if self.redis_url is None:
+            return
+        backoff = Backoff(cap=PRESENCE_BACKOFF_CAP)
+        conn: RespConnection | None = None
+        client_id = 0
+        try:
+            while True:
+                try:
+                    if conn is None or conn.closed:
+                        conn = await RespConnection.open(
+                            self.redis_url, name=f"worker-presence:{self.node_id}"
+                        )
+                        async with asyncio.timeout(PRESENCE_TIMEOUT):
+                            (client_id,) = await conn.execute([("CLIENT", "ID")])
+                    if not self.stopping:
+                        async with asyncio.timeout(PRESENCE_TIMEOUT):
+                            await conn.execute(
+                                [("HSET", self.keys.worker_connections, self.node_id,
+                                  client_id)]
+                            )  # fmt: skip
+                    backoff.reset()
+                    await asyncio.sleep(FREE_CHECK)
+                except asyncio.CancelledError:
+                    raise
+                except (ConnectionError, OSError, RespError, TimeoutError) as exc:
+                    log.warning("presence connection lost", extra={"error": repr(exc)})
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    await backoff.sleep()
+        finally:
+            if conn is not None:
+                conn.close()
