@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 
 from deploy.local.prepare import TOOLS_BIN
 from deploy.local.servers import free_port
-from shared.codec import StreamEntry, token_digest
+from shared.codec import STREAM_FIELD, StreamEntry, encode_stream_entry, token_digest
 from shared.config import Settings
 from shared.keys import CONSUMER_GROUP, Keys, partition_of
 from shared.metrics import (
@@ -683,6 +683,52 @@ async def _owning_consumer(
     finally:
         await leases.release_all()
         await client.close()
+
+
+async def test_an_entry_left_pending_by_another_consumer_is_claimed_and_handled(
+    settings: Settings, redis: Redis, seed: Seeder
+) -> None:
+    """A send read by a worker that then lost its partition, after the new owner had
+    claimed that partition's pending entries, stays pending under the old one: the
+    owner claims it once it has been idle for STUCK_AFTER_LEASES leases, and stores
+    and acknowledges it (before, it stayed pending for good, and held back the trim)."""
+    user, token = await seed.user("Alice")
+    chat = await seed.chat(user)
+    metrics = WorkerMetrics()
+    async with _owning_consumer(settings, redis, metrics) as (consumer, leases, keys):
+        stream = keys.stream(partition_of(chat, settings.partitions))
+        entry = StreamEntry(
+            "gw", 1, 1, "left", chat, token_digest(token), "send_message",
+            {"type": "text", "text": "left behind"}, time.time(), 5.0, True,
+        )  # fmt: skip
+        run = asyncio.gather(consumer.run(), leases.run())
+        try:
+            # Once the consumer has taken its partitions (and claimed what was pending),
+            # another consumer reads the entry as it is added (atomically: the running
+            # loop must not read it first), as if that was long ago.
+            async def taken() -> bool:
+                return not leases._fresh and stream in consumer._groups
+
+            await eventually("the partitions taken", taken)
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(stream, {STREAM_FIELD: encode_stream_entry(entry)})
+                pipe.xreadgroup(CONSUMER_GROUP, "gone-worker", {stream: ">"})
+                entry_id, _ = await pipe.execute()
+            idle = int(3 * settings.lease_seconds * 1000)
+            await redis.xclaim(stream, CONSUMER_GROUP, "gone-worker", 0, [entry_id], idle=idle)
+
+            async def stored() -> bool:
+                pending = await redis.xpending(stream, CONSUMER_GROUP)
+                found = await seed.store.messages.count_documents({"chat_id": chat})
+                return pending["pending"] == 0 and found == 1
+
+            await eventually("the stuck entry to be handled", stored, timeout=10)
+        finally:
+            consumer.stopping = True
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+        doc = await seed.store.messages.find_one({"chat_id": chat})
+        assert doc is not None and doc["text"] == "left behind" and doc["seq"] == 1
 
 
 async def test_stream_gauges_tell_backlog_from_pending(

@@ -50,6 +50,11 @@ COST_SMOOTHING = 0.2
 # and at most how many XTRIM calls a stream gets per round (each removes at most
 # 100 nodes' worth with "~", 10,000 entries at Redis's defaults, so no call is long).
 TRIM_EVERY = 5.0
+# An entry of an owned partition pending this many leases without being handled was
+# left behind: read by a worker that then lost the partition (after the new owner had
+# claimed its pending entries), or dropped by this one while it could not vouch for its
+# lease. Looked for once a lease, between batches, and handled again.
+STUCK_AFTER_LEASES = 2.0
 TRIM_CALLS = 10
 
 
@@ -146,6 +151,7 @@ class Consumer:
         self._groups: set[str] = set()
         self._sampled: set[str] = set()
         self._reclaim = False
+        self._next_sweep = time.monotonic() + partitions.lease
         # PUBLISH and XACK go through a lean connection of their own (shared/resp.py):
         # one command per reply and push is the worker's hottest Redis path.
         self._redis_url = redis_url
@@ -191,6 +197,11 @@ class Consumer:
                 if not owned:
                     await self.partitions.wait_changed(0.5)
                     continue
+                if time.monotonic() >= self._next_sweep:
+                    self._next_sweep = time.monotonic() + self.partitions.lease
+                    if await self._claim_stuck(owned):
+                        self._reclaim = True  # handled as after a recovery, first
+                        continue
                 items = await self._read(owned, ">")
                 self.redis_ok = True
                 await self._handle_read(items, suspect=False)
@@ -239,6 +250,29 @@ class Consumer:
             last = items[-1].entry_id if items else last
             log.info("recovering pending entries", extra={"partition": partition, "n": len(items)})
             await self._handle_read(items, suspect=True)
+
+    async def _claim_stuck(self, partitions: list[int]) -> int:
+        """Claim the entries of ``partitions`` pending for ``STUCK_AFTER_LEASES`` leases
+        or more, whoever holds them; returns how many."""
+        idle_ms = int(STUCK_AFTER_LEASES * self.partitions.lease * 1000)
+        claimed = 0
+        for partition in partitions:
+            stream = self.keys.stream(partition)
+            if stream not in self._groups:
+                continue  # never read here: its pending entries were claimed on taking it
+            cursor = "0-0"
+            while True:
+                result = await self.redis.xautoclaim(
+                    stream, CONSUMER_GROUP, self.node_id, min_idle_time=idle_ms,
+                    start_id=cursor, count=self.batch,
+                )  # fmt: skip
+                claimed += len(result[1])
+                cursor = _text(result[0])
+                if cursor == "0-0":
+                    break
+        if claimed:
+            log.warning("claimed entries left pending", extra={"n": claimed})
+        return claimed
 
     def _read_command(self, partitions: list[int], start: str, block: int | None) -> list[Any]:
         command: list[Any] = ["XREADGROUP", "GROUP", CONSUMER_GROUP, self.node_id]
