@@ -110,6 +110,17 @@ class Client:
         else:
             await self.ws.send_str(data)
 
+    async def queue_text(self, chat_id: str, text: str, request_id: str) -> None:
+        """``send_message`` of a text without waiting; its reply is taken by :meth:`reply`."""
+        body = {
+            "event_type": "send_message",
+            "chat_id": chat_id,
+            "token": self.token,
+            "message": {"type": "text", "text": text},
+            "request_id": request_id,
+        }
+        await self.send_raw(orjson.dumps(body).decode())
+
     async def reply(self, timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:
         """The next reply (a frame that answers a request of ours)."""
         return await asyncio.wait_for(self.replies.get(), timeout)

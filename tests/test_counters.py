@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from tests.support import Seeder, Stack, message_docs
 from worker.processor import Counters
 
@@ -72,14 +70,7 @@ async def test_a_worker_starting_to_a_backlog_of_many_chats_continues_each_from_
     gateway = await stack.gateway(rate_limit_per_second=0)  # one socket sends them all
     client = await stack.client(gateway, token)
     for n, chat in enumerate(chats):  # queued in the streams: no worker runs yet
-        body = {
-            "event_type": "send_message",
-            "chat_id": chat,
-            "token": token,
-            "message": {"type": "text", "text": f"to {chat}"},
-            "request_id": str(n),
-        }
-        await client.send_raw(orjson.dumps(body).decode())
+        await client.queue_text(chat, f"to {chat}", str(n))
     await stack.worker()
     replies = [await client.reply() for _ in chats]
     ids = {int(r["request_id"]): r["messages"][0]["id"] for r in replies if r["type"] == "success"}

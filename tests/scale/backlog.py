@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import orjson
 
 from deploy.local.servers import free_port, mongo_server, redis_server
 from shared.config import Settings
@@ -74,14 +73,7 @@ async def one_round(settings: Settings, chats: int, history: int, logs: Path) ->
             await stack.wait_ready(gateway)
             socket = await stack.client(gateway, token)
             for n, chat in enumerate(ids):
-                body = {
-                    "event_type": "send_message",
-                    "chat_id": chat,
-                    "token": token,
-                    "message": {"type": "text", "text": f"queued for {chat}"},
-                    "request_id": str(n),
-                }
-                await socket.send_raw(orjson.dumps(body).decode())
+                await socket.queue_text(chat, f"queued for {chat}", str(n))
             await asyncio.sleep(1.0)  # every send is in its stream
             started = time.perf_counter()
             _, worker = stack.spawn("worker", logs)
