@@ -58,6 +58,7 @@ from worker.partitions import (
     DEAD_AFTER,
     FREE_CHECK,
     ORPHAN_GRACE,
+    PRESENCE_TRUST,
     PartitionManager,
     judge_absent,
 )
@@ -966,7 +967,9 @@ async def test_a_live_worker_that_loses_its_presence_connection_keeps_its_partit
 ) -> None:
     """Its presence connection killed (as a Redis restart would), a worker registers a
     new one well within DEAD_AFTER, so another worker looking all along never takes it
-    for dead; once its presence stops for good (the process died), it does."""
+    for dead; it trusts its leases again only once renewed after that registration.
+    Once its presence stops for good, it stops trusting them within PRESENCE_TRUST,
+    before the other takes it for dead and takes them; then it gives them up."""
     keys = Keys(settings.redis_prefix)
     a, b = (
         PartitionManager(
@@ -996,13 +999,26 @@ async def test_a_live_worker_that_loses_its_presence_connection_keeps_its_partit
             assert not await b.free_for_me()
             await asyncio.sleep(FREE_CHECK)
         assert await registered() not in (None, first)  # a new connection, registered
-        presence.cancel()  # a's process "dies": its presence connection closes
+        # Unsure until renewed (a's lease loop is driven by hand here): a batch waits.
+        assert a.unsure(0) and not a.holds(0) and a.readable() == []
+        waiting = asyncio.create_task(a.settle({0}, timeout=30))
+        await asyncio.sleep(FREE_CHECK)
+        assert not waiting.done()
+        await a.tick()
+        await asyncio.wait_for(waiting, 5)
+        assert a.holds(0) and a.owned == settings.partitions
+
+        presence.cancel()  # a's process "dies", or is cut off: its presence connection closes
         await asyncio.gather(presence, return_exceptions=True)
+        await asyncio.sleep(PRESENCE_TRUST + FREE_CHECK)
+        assert a.unsure(0) and a.readable() == []  # a writes nothing any more
         await eventually("b to see a dead", b.free_for_me, timeout=10 * DEAD_AFTER)
         await b.tick()
         assert b.owned == settings.partitions
         holders = {await redis.get(keys.lease(p)) for p in range(settings.partitions)}
         assert holders == {b.node_id.encode()}
+        await a.free_for_me()  # a's next look sees its leases taken, and gives them up
+        assert a.owned == 0 and not a.unsure(0)
     finally:
         presence.cancel()
         await asyncio.gather(presence, return_exceptions=True)

@@ -358,7 +358,9 @@ class Consumer:
         self.metrics.batch_size.observe(len(items))
         outcome: Outcome | None = None
         while True:
-            # Never write for a partition whose lease this worker can no longer vouch for.
+            # Never write for a partition whose lease this worker can no longer vouch for;
+            # wait while it is unsure (its presence or lease not yet confirmed again).
+            await self.partitions.settle({i.partition for i in items}, self.partitions.lease)
             items = [i for i in items if self.partitions.holds(i.partition)]
             if not items:
                 return

@@ -25,14 +25,21 @@ registered id Redis has not had for ``DEAD_AFTER`` seconds, over looks that saw 
 same id, is dead: its partitions are taken over (compare-and-set on the lease) without
 waiting for its leases to run out. What this cannot see (a host that vanished without
 closing its connections, a Redis that refuses ``CLIENT LIST``, a worker of an earlier
-release that registers nothing) falls back to lease expiry. A live worker taken for dead
-(its presence connection lost for that long) loses its leases, as one paused past its
-lease does, and the same fence keeps the data safe.
+release that registers nothing) falls back to lease expiry.
+
+A worker fences itself as it does with its leases: it trusts them only while its
+registration was confirmed within ``PRESENCE_TRUST`` (half of ``DEAD_AFTER``), so one
+cut off from Redis stops writing before another can take it for dead. When its presence
+comes back on a new connection, it trusts no lease until renewed after the new
+registration; a take-over checks the registration it judged dead in the same script, so
+a lease is taken or kept, never both. A partition it holds but cannot vouch for now is
+*unsure*: a batch for it waits (:meth:`PartitionManager.settle`) rather than dropping.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -66,9 +73,11 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# A dead owner's lease, taken only if it still names that owner.
+# A dead owner's lease, taken only if it still names that owner and the owner's
+# registration is still the one judged dead (a worker that registered a new presence
+# meanwhile is alive, and renews its leases only after that registration).
 _TAKE_OVER = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
+if redis.call('get', KEYS[1]) == ARGV[1] and redis.call('hget', KEYS[2], ARGV[1]) == ARGV[4] then
   redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
@@ -90,6 +99,11 @@ return 1
 # A worker whose registered presence connection Redis has not had for this long, in
 # looks that saw the same registration, is dead.
 DEAD_AFTER = 1.0
+# A worker trusts its leases only this long after its registration was last confirmed:
+# well before another can take it for dead (DEAD_AFTER), as 0.9 of a lease is before the
+# lease expires. Unconfirmed, it writes nothing until its presence is confirmed again
+# and its leases renewed, or lost.
+PRESENCE_TRUST = 0.5
 # A live worker whose presence connection broke (Redis restarted) registers a new one
 # within this, well inside DEAD_AFTER.
 PRESENCE_BACKOFF_CAP = 0.5
@@ -151,25 +165,58 @@ class PartitionManager:
         self._take_over = redis.register_script(_TAKE_OVER)
         self._forget_dead = redis.register_script(_FORGET_DEAD)
         self._absent: dict[str, tuple[str, float]] = {}  # see judge_absent
-        self._dead_owner: dict[int, str] = {}  # free partition -> its dead owner
+        # When (monotonic, taken before sending) the registration was last confirmed;
+        # None until the first one, and while there is no presence.
+        self._confirmed_at: float | None = None
+        self._recheck = False  # renew the leases now: the presence was lost meanwhile
+        self._news = asyncio.Event()  # a lease renewed, taken or given up; presence confirmed
+        # Free partition -> its dead owner and the registration judged dead.
+        self._dead_owner: dict[int, tuple[str, str]] = {}
         self._client_list = redis_url is not None  # False once Redis refused CLIENT LIST
         self.stopping = False
         self.healthy = False
 
     def holds(self, partition: int) -> bool:
-        """True while this worker may write for ``partition``."""
-        return self._valid_until.get(partition, 0.0) > time.monotonic()
+        """True while this worker may write for ``partition``: its lease is valid, and
+        its presence confirmed lately (no other worker can have taken it for dead)."""
+        now = time.monotonic()
+        return self._valid_until.get(partition, 0.0) > now and self._present(now)
+
+    def _present(self, now: float) -> bool:
+        return self._confirmed_at is None or now - self._confirmed_at < PRESENCE_TRUST
+
+    def unsure(self, partition: int) -> bool:
+        """True while ``partition`` is neither held nor given up: its lease or this
+        worker's presence awaits confirmation. Its entries must wait, not be dropped."""
+        return partition in self._valid_until and not self.holds(partition)
 
     def readable(self) -> list[int]:
         """Partitions to read from now (held, not being handed back)."""
         now = time.monotonic()
+        if not self._present(now):
+            return []
         return sorted(p for p, t in self._valid_until.items() if t > now and p not in self._surplus)
 
     def take_fresh(self) -> list[int]:
-        """Partitions acquired since the last call (their pending entries need a claim)."""
+        """Partitions acquired since the last call (their pending entries need a claim);
+        one not held for now stays to be taken later, unless it was given up."""
         fresh = sorted(p for p in self._fresh if self.holds(p))
-        self._fresh.clear()
+        self._fresh = {p for p in self._fresh if self.unsure(p)}
         return fresh
+
+    async def settle(self, partitions: set[int], timeout: float) -> None:
+        """Return once none of ``partitions`` is :meth:`unsure` (held again, or given
+        up), or after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while any(self.unsure(p) for p in partitions):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._news.clear()
+            with contextlib.suppress(TimeoutError):
+                # Bounded by the trust too: a lease runs out unannounced.
+                async with asyncio.timeout(min(left, PRESENCE_TRUST)):
+                    await self._news.wait()
 
     @property
     def owned(self) -> int:
@@ -209,6 +256,9 @@ class PartitionManager:
         deadline = time.monotonic() + self.lease / 3
         while (left := deadline - time.monotonic()) > 0:
             await asyncio.sleep(min(left, FREE_CHECK))
+            if self._recheck:
+                self._recheck = False
+                return
             if not self.stopping and await self.free_for_me():
                 return
 
@@ -234,13 +284,19 @@ class PartitionManager:
             pipe.hgetall(self.keys.worker_connections)
             live, *holders, registered = await pipe.execute()
         owners = [h.decode() if h else None for h in holders]
+        for partition, owner in enumerate(owners):
+            if partition in self._valid_until and owner != self.node_id:
+                # Taken over (this worker was taken for dead) or expired: stop now
+                # rather than at the next renewal.
+                log.warning("lease lost", extra={"partition": partition, "owner": owner})
+                self._drop(partition)
         dead = await self._dead_workers(
             {k.decode(): v.decode() for k, v in registered.items()}, set(owners)
         )
         self._dead_owner = {
-            p: owner
+            p: (owner, dead[owner])
             for p, owner in enumerate(owners)
-            if owner in dead and p not in self._valid_until
+            if owner is not None and owner in dead and p not in self._valid_until
         }
         free = [
             p
@@ -252,13 +308,16 @@ class PartitionManager:
         # A dead worker still counts until the next look: it has just left the live set.
         return max(1, int(live)), free
 
-    async def _dead_workers(self, registered: dict[str, str], owners: set[str | None]) -> set[str]:
-        """Registered workers (other than this one) judged dead by :func:`judge_absent`;
-        each leaves the live set, and the registry once no lease names it."""
+    async def _dead_workers(
+        self, registered: dict[str, str], owners: set[str | None]
+    ) -> dict[str, str]:
+        """Registered workers (other than this one) judged dead by :func:`judge_absent`,
+        with the registration judged; each leaves the live set, and the registry once no
+        lease names it."""
         others = {node: cid for node, cid in registered.items() if node != self.node_id}
         if not others or not self._client_list:
             self._absent = {}
-            return set()
+            return {}
         try:
             listed = await self.redis.client_list(client_id=list(others.values()))
         except ResponseError as exc:
@@ -268,10 +327,11 @@ class PartitionManager:
                 extra={"error": repr(exc)},
             )
             self._client_list = False
-            return set()
+            return {}
         present = {str(client["id"]) for client in listed}
         absent = {node: cid for node, cid in others.items() if cid not in present}
-        dead, self._absent = judge_absent(absent, self._absent, time.monotonic())
+        judged, self._absent = judge_absent(absent, self._absent, time.monotonic())
+        dead = {node: others[node] for node in judged}
         for node in dead:
             holds_none = node not in owners
             forgotten = await self._forget_dead(
@@ -297,6 +357,7 @@ class PartitionManager:
             renewed = await self._renew(keys=[self.keys.lease(partition)], args=[self.node_id, ms])
             if renewed:
                 self._valid_until[partition] = started + 0.9 * self.lease
+                self._news.set()
             else:
                 log.warning("lease lost", extra={"partition": partition})
                 self._drop(partition)
@@ -326,11 +387,15 @@ class PartitionManager:
                 continue
             started = time.monotonic()
             lease = self.keys.lease(partition)
-            dead = self._dead_owner.get(partition)
-            if dead is None:
+            judged = self._dead_owner.get(partition)
+            dead = judged[0] if judged is not None else None
+            if judged is None:
                 taken = await self.redis.set(lease, self.node_id, nx=True, px=ms)
             else:
-                taken = await self._take_over(keys=[lease], args=[dead, self.node_id, ms])
+                taken = await self._take_over(
+                    keys=[lease, self.keys.worker_connections],
+                    args=[judged[0], self.node_id, ms, judged[1]],
+                )
             if taken:
                 self._valid_until[partition] = started + 0.9 * self.lease
                 self._fresh.add(partition)
@@ -344,10 +409,17 @@ class PartitionManager:
                 self._changed.set()
 
     def _drop(self, partition: int) -> None:
+        self._news.set()
         self._valid_until.pop(partition, None)
         self._fresh.discard(partition)
         self._surplus.discard(partition)
         self._changed.set()
+
+    def _unconfirm_leases(self) -> None:
+        now = time.monotonic()
+        for partition, valid_until in self._valid_until.items():
+            self._valid_until[partition] = min(valid_until, now)
+        self._recheck = True
 
     async def hand_back_surplus(self) -> None:
         """Release partitions marked surplus; call only between batches."""
@@ -387,18 +459,31 @@ class PartitionManager:
         try:
             while True:
                 try:
+                    rejoined = False
                     if conn is None or conn.closed:
                         conn = await RespConnection.open(
                             self.redis_url, name=f"worker-presence:{self.node_id}"
                         )
                         async with asyncio.timeout(PRESENCE_TIMEOUT):
                             (client_id,) = await conn.execute([("CLIENT", "ID")])
-                    if not self.stopping:
-                        async with asyncio.timeout(PRESENCE_TIMEOUT):
-                            await conn.execute(
-                                [("HSET", self.keys.worker_connections, self.node_id,
-                                  client_id)]
-                            )  # fmt: skip
+                        # Without presence for a while this worker may have been taken
+                        # for dead: nothing is trusted until it is registered again.
+                        rejoined = self._confirmed_at is not None
+                        if rejoined:
+                            self._confirmed_at = -math.inf
+                    # Also while draining: the batch in hand still needs its leases trusted.
+                    sent = time.monotonic()
+                    async with asyncio.timeout(PRESENCE_TIMEOUT):
+                        await conn.execute(
+                            [("HSET", self.keys.worker_connections, self.node_id, client_id)]
+                        )
+                    if rejoined:
+                        # A worker that judged it dead can take its leases only while the
+                        # old registration stands: renewed after this one, a lease that
+                        # is still this worker's stays so.
+                        self._unconfirm_leases()
+                    self._confirmed_at = sent
+                    self._news.set()
                     backoff.reset()
                     await asyncio.sleep(FREE_CHECK)
                 except asyncio.CancelledError:
