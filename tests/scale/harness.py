@@ -338,6 +338,12 @@ class Target:
         wait_balanced(workers, args.partitions, timeout=15)
         self.urls = ws_urls(gateways)
 
+    def kill_worker(self) -> str:
+        """SIGKILL one of ours' workers (a crash: nothing released); its name."""
+        proc = next(p for p in self.sup.procs if p.kind == "worker" and p.alive())
+        proc.popen.kill()
+        return proc.name
+
     def start_chain(self) -> None:
         from deploy.local.servers import free_port
 
@@ -788,14 +794,25 @@ def run_step(
         prev = s0
         end = time.monotonic() + duration
         done: set[int] = set()
+        kill_at = args.kill_worker_at if target.name == "ours" else 0.0
+        fault: dict[str, Any] | None = None
         while time.monotonic() < end:
             with contextlib.suppress(queue.Empty):
-                index, word, payload = lines.get(timeout=0.2)
+                index, word, payload = lines.get(timeout=0.2 if not kill_at else 0.05)
                 if word == "PROGRESS":
                     latest[index] = payload
                 elif word in ("DONE", "EOF"):
                     done.add(index)
             elapsed = duration - (end - time.monotonic())
+            if kill_at and fault is None and elapsed >= kill_at:
+                fault = {"killed": target.kill_worker(), "at_s": round(elapsed, 2)}
+                say(f"{label}: {fault['killed']} SIGKILLed {fault['at_s']} s into the window")
+                target.notes.append(
+                    f"{fault['killed']} was SIGKILLed {fault['at_s']} s into the measured window "
+                    f"of step {tag}: the requests of its partitions waited for another worker to "
+                    "take them over, so the step's latencies include that wait (see its slowest "
+                    "seconds); the goals are not judged on this run."
+                )
             progress.update(elapsed, _sum(latest))
             if time.monotonic() >= next_sample:
                 cur = target.sup.sample()
@@ -966,6 +983,7 @@ def run_step(
         "server_time": server_time.window(totals0, totals1, duration, args.workers)
         if totals0 is not None and totals1 is not None
         else None,
+        "fault": fault,
         "verification": verification,
         "passed": verification["passed"],
         # Other processes used a noticeable share of the 2 cores during the window.
@@ -1173,6 +1191,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="gateway processes (and socketio/channels peer processes)",
     )
     p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument(
+        "--kill-worker-at",
+        type=float,
+        default=0.0,
+        help="ours: SIGKILL one worker this many seconds into the measured window (needs "
+        "--workers 2 or more; not with sweep): how long its chats wait for another to take "
+        "them over, and that nothing is lost (0: no fault)",
+    )
     p.add_argument("--loadgen-procs", type=int, default=1, help="load generator processes")
     p.add_argument(
         "--loadgen-cpus",
@@ -1302,6 +1328,13 @@ def choose_targets(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.kill_worker_at:
+        window = args.duration
+        if args.workers < 2 or args.workload == "sweep" or not 0 < args.kill_worker_at < window:
+            raise SystemExit(
+                "--kill-worker-at needs --workers 2 or more, a workload other than sweep, "
+                "and a time inside the window"
+            )
     raise_nofile()
     os.chdir(ROOT)
     targets = choose_targets(args)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.scale import machine
+from tests.scale import harness, machine
 from tests.scale import report as reporting
 from tests.scale.common import (
     LatencyLog,
@@ -331,6 +331,37 @@ def test_harness_end_to_end_on_ours(tmp_path: Path) -> None:
     assert speed["steal_cores"] >= 0
     assert "The machine's speed (" in (report_dir / "report.md").read_text()
     assert "  machine: before the window loop " in result["terminal"]
+
+
+def test_a_worker_killed_in_the_window_loses_nothing(tmp_path: Path) -> None:
+    """--kill-worker-at: one of two workers SIGKILLed a second into the window; the other
+    takes its partitions over and every send is still acknowledged, stored and
+    delivered; the report says so and judges no goal on the run."""
+    report_dir, result = _short_run(
+        tmp_path, "ours", "chat", "--sockets", "40", "--rate", "40", "--probe-rounds", "0",
+        "--workers", "2", "--kill-worker-at", "1",
+    )  # fmt: skip
+    step = result["steps"][0]
+    assert step["fault"]["killed"].startswith("worker-") and step["fault"]["at_s"] >= 1
+    assert step["verification"]["passed"]
+    assert step["verification"]["stored"] == step["counts"]["acked"] == step["counts"]["sent"] > 0
+    assert any("SIGKILLed" in note for note in result["notes"])
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["goals"] == []
+    assert "SIGKILLed" in (report_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--kill-worker-at", "1"],  # one worker: nobody to take over
+        ["--kill-worker-at", "30", "--workers", "2", "--duration", "10"],  # after the window
+        ["--kill-worker-at", "1", "--workers", "2", "--workload", "sweep", "--rate", "100"],
+    ],
+)
+def test_a_worker_kill_the_run_cannot_show_is_refused(options: list[str]) -> None:
+    with pytest.raises(SystemExit, match="--kill-worker-at needs"):
+        harness.main(options)
 
 
 def test_harness_end_to_end_on_the_chain_floor(tmp_path: Path) -> None:
