@@ -50,12 +50,12 @@ COST_SMOOTHING = 0.2
 # and at most how many XTRIM calls a stream gets per round (each removes at most
 # 100 nodes' worth with "~", 10,000 entries at Redis's defaults, so no call is long).
 TRIM_EVERY = 5.0
+TRIM_CALLS = 10
 # An entry of an owned partition pending this many leases without being handled was
 # left behind: read by a worker that then lost the partition (after the new owner had
 # claimed its pending entries), or dropped by this one while it could not vouch for its
 # lease. Looked for once a lease, between batches, and handled again.
 STUCK_AFTER_LEASES = 2.0
-TRIM_CALLS = 10
 
 
 class RedisClock:
@@ -232,16 +232,7 @@ class Consumer:
         """Claim every pending entry of the partition and handle them before new ones."""
         stream = self.keys.stream(partition)
         await self._ensure_group(stream)
-        cursor = "0-0"
-        while True:
-            result = await self.redis.xautoclaim(
-                stream, CONSUMER_GROUP, self.node_id, min_idle_time=0, start_id=cursor,
-                count=self.batch,
-            )  # fmt: skip
-            # Reply: [next cursor, claimed entries, ids deleted while pending (Redis 7)].
-            cursor = _text(result[0])
-            if cursor == "0-0":
-                break
+        await self._claim(stream, 0)
         last = "0"
         while self.partitions.holds(partition):
             items = await self._read([partition], last)
@@ -258,21 +249,27 @@ class Consumer:
         claimed = 0
         for partition in partitions:
             stream = self.keys.stream(partition)
-            if stream not in self._groups:
-                continue  # never read here: its pending entries were claimed on taking it
-            cursor = "0-0"
-            while True:
-                result = await self.redis.xautoclaim(
-                    stream, CONSUMER_GROUP, self.node_id, min_idle_time=idle_ms,
-                    start_id=cursor, count=self.batch,
-                )  # fmt: skip
-                claimed += len(result[1])
-                cursor = _text(result[0])
-                if cursor == "0-0":
-                    break
+            if stream in self._groups:  # else never read here: claimed on taking it
+                claimed += await self._claim(stream, idle_ms)
         if claimed:
             log.warning("claimed entries left pending", extra={"n": claimed})
         return claimed
+
+    async def _claim(self, stream: str, min_idle_ms: int) -> int:
+        """Make this worker the consumer of every entry of ``stream`` pending for at
+        least ``min_idle_ms``, whoever holds it; returns how many."""
+        claimed = 0
+        cursor = "0-0"
+        while True:
+            result = await self.redis.xautoclaim(
+                stream, CONSUMER_GROUP, self.node_id, min_idle_time=min_idle_ms,
+                start_id=cursor, count=self.batch,
+            )  # fmt: skip
+            # Reply: [next cursor, claimed entries, ids deleted while pending (Redis 7)].
+            claimed += len(result[1])
+            cursor = _text(result[0])
+            if cursor == "0-0":
+                return claimed
 
     def _read_command(self, partitions: list[int], start: str, block: int | None) -> list[Any]:
         command: list[Any] = ["XREADGROUP", "GROUP", CONSUMER_GROUP, self.node_id]
