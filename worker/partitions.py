@@ -159,6 +159,8 @@ class PartitionManager:
         self._fresh: set[int] = set()  # acquired, pending entries not yet recovered
         self._surplus: set[int] = set()  # to hand back between batches
         self._free_since: dict[int, float] = {}  # partition -> first seen without an owner
+        # Set when a lease is taken, renewed or given up, and when the presence is
+        # confirmed: what the consumer (the only one to wait on it) may be waiting for.
         self._changed = asyncio.Event()
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
@@ -169,7 +171,6 @@ class PartitionManager:
         # None until the first one, and while there is no presence.
         self._confirmed_at: float | None = None
         self._recheck = False  # renew the leases now: the presence was lost meanwhile
-        self._news = asyncio.Event()  # a lease renewed, taken or given up; presence confirmed
         # Free partition -> its dead owner and the registration judged dead.
         self._dead_owner: dict[int, tuple[str, str]] = {}
         self._client_list = redis_url is not None  # False once Redis refused CLIENT LIST
@@ -212,11 +213,11 @@ class PartitionManager:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self._news.clear()
+            self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 # Bounded by the trust too: a lease runs out unannounced.
                 async with asyncio.timeout(min(left, PRESENCE_TRUST)):
-                    await self._news.wait()
+                    await self._changed.wait()
 
     @property
     def owned(self) -> int:
@@ -224,7 +225,7 @@ class PartitionManager:
         return len(self._valid_until)
 
     async def wait_changed(self, timeout: float) -> None:
-        """Sleep until ownership changes or ``timeout`` passes."""
+        """Sleep until ownership or presence changes, or ``timeout`` passes."""
         self._changed.clear()
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)
@@ -357,7 +358,7 @@ class PartitionManager:
             renewed = await self._renew(keys=[self.keys.lease(partition)], args=[self.node_id, ms])
             if renewed:
                 self._valid_until[partition] = started + 0.9 * self.lease
-                self._news.set()
+                self._changed.set()
             else:
                 log.warning("lease lost", extra={"partition": partition})
                 self._drop(partition)
@@ -409,7 +410,6 @@ class PartitionManager:
                 self._changed.set()
 
     def _drop(self, partition: int) -> None:
-        self._news.set()
         self._valid_until.pop(partition, None)
         self._fresh.discard(partition)
         self._surplus.discard(partition)
@@ -483,7 +483,7 @@ class PartitionManager:
                         # is still this worker's stays so.
                         self._unconfirm_leases()
                     self._confirmed_at = sent
-                    self._news.set()
+                    self._changed.set()
                     backoff.reset()
                     await asyncio.sleep(FREE_CHECK)
                 except asyncio.CancelledError:
