@@ -1026,6 +1026,29 @@ async def test_a_live_worker_that_loses_its_presence_connection_keeps_its_partit
         await b.release_all()
 
 
+async def test_a_worker_whose_presence_redis_refuses_trusts_its_leases_alone(
+    settings: Settings, redis: Redis, cleanup: None
+) -> None:
+    """An ACL without CLIENT: the presence gives up at once (no retries, no registration),
+    and the worker's leases count as leases alone, not as unconfirmed."""
+    user = f"nopresence{uuid.uuid4().hex[:6]}"
+    await redis.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-client")
+    url = settings.redis_url.replace("redis://", f"redis://{user}:pw@", 1)
+    keys = Keys(settings.redis_prefix)
+    a = PartitionManager(
+        redis, keys, settings.node_id, settings.partitions, 60.0, WorkerMetrics(), redis_url=url
+    )
+    try:
+        await asyncio.wait_for(a.run_presence(), 5)  # returns: refused, not retried
+        assert await redis.hget(keys.worker_connections, a.node_id) is None
+        await a.tick()
+        await asyncio.sleep(PRESENCE_TRUST + FREE_CHECK)
+        assert a.holds(0) and not a.unsure(0)
+    finally:
+        await a.release_all()
+        await redis.execute_command("ACL", "DELUSER", user)
+
+
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 async def test_a_stopped_workers_partitions_are_taken_over_at_once(
     stack: Stack, seed: Seeder, log_dir: Path, redis: Redis, how: signal.Signals

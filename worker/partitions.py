@@ -24,7 +24,7 @@ kernel closes that connection and Redis forgets the id at once. A worker whose
 registered id Redis has not had for ``DEAD_AFTER`` seconds, over looks that saw the
 same id, is dead: its partitions are taken over (compare-and-set on the lease) without
 waiting for its leases to run out. What this cannot see (a host that vanished without
-closing its connections, a Redis that refuses ``CLIENT LIST``, a worker of an earlier
+closing its connections, a Redis that refuses the ``CLIENT`` commands, a worker of an earlier
 release that registers nothing) falls back to lease expiry.
 
 A worker fences itself as it does with its leases: it trusts them only while its
@@ -108,6 +108,15 @@ PRESENCE_TRUST = 0.5
 # within this, well inside DEAD_AFTER.
 PRESENCE_BACKOFF_CAP = 0.5
 PRESENCE_TIMEOUT = 2.0
+
+
+def _refused(exc: Exception) -> bool:
+    """Redis refused the command itself (not the connection): an ACL, or a command
+    renamed away."""
+    text = str(exc)
+    return isinstance(exc, RespError) and (
+        text.startswith("NOPERM") or "unknown command" in text.lower()
+    )
 
 
 def judge_absent(
@@ -489,6 +498,16 @@ class PartitionManager:
                 except asyncio.CancelledError:
                     raise
                 except (ConnectionError, OSError, RespError, TimeoutError) as exc:
+                    if self._confirmed_at is None and _refused(exc):
+                        # CLIENT or HSET not allowed (ACL, renamed commands) from the start:
+                        # no presence, so nobody can take this worker for dead; its leases
+                        # are trusted as leases alone, and expire when it dies.
+                        log.warning(
+                            "presence refused by Redis: a crash of this worker leaves its "
+                            "partitions until their leases expire",
+                            extra={"error": repr(exc)},
+                        )
+                        return
                     log.warning("presence connection lost", extra={"error": repr(exc)})
                     if conn is not None:
                         conn.close()
