@@ -24,8 +24,8 @@ kernel closes that connection and Redis forgets the id at once. A worker whose
 registered id Redis has not had for ``DEAD_AFTER`` seconds, over looks that saw the
 same id, is dead: its partitions are taken over (compare-and-set on the lease) without
 waiting for its leases to run out. What this cannot see (a host that vanished without
-closing its connections, a Redis that refuses the ``CLIENT`` commands, a worker of an earlier
-release that registers nothing) falls back to lease expiry.
+closing its connections, a Redis that refuses the ``CLIENT`` commands, a worker of an
+earlier release that registers nothing) falls back to lease expiry.
 
 A worker fences itself as it does with its leases: it trusts them only while its
 registration was confirmed within ``PRESENCE_TRUST`` (half of ``DEAD_AFTER``), so one
