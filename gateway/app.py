@@ -116,6 +116,8 @@ async def _history_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
+    # Set while the pub/sub connection hears every channel: requests are written only then.
+    listening = asyncio.Event()
     producer = StreamProducer(
         settings.redis_url,
         name=f"gateway-xadd:{settings.node_id}",
@@ -124,6 +126,7 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
         maxlen=settings.stream_maxlen,
         expire_after=settings.request_timeout,
         backoff_cap=settings.retry_backoff_max,
+        listening=listening,
     )
 
     def subscriber_for(hub: Hub) -> Subscriber:
@@ -136,6 +139,7 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
             backoff_cap=settings.retry_backoff_max,
             name=f"gateway-pubsub:{settings.node_id}",
             writes=hub.writes,
+            live=listening,
         )
 
     hub = Hub(settings, producer, metrics, subscriber_for, app.get(HISTORY_READER))

@@ -4,6 +4,12 @@ Requests are buffered (bounded) and written by one task in pipelines on a lean
 connection of its own (shared/resp.py), which costs a small fraction of the client CPU
 of one awaited redis-py XADD each. At the bound, :meth:`submit` refuses and the caller
 answers ``server_error`` at once rather than queueing without limit.
+
+Nothing is written while the gateway cannot hear replies (``listening`` clear: its
+pub/sub connection is down or not yet resubscribed, as after a Redis restart): a worker
+would answer into a channel nobody listens to, and the client would wait for its
+timeout. Entries wait in the buffer instead, and those older than the request timeout
+are dropped when writing resumes (their clients were already answered).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class StreamProducer:
         maxlen: int,
         expire_after: float,
         backoff_cap: float = 2.0,
+        listening: asyncio.Event | None = None,
     ) -> None:
         self._redis_url = redis_url
         self._name = name
@@ -46,6 +53,7 @@ class StreamProducer:
         self._backoff_cap = backoff_cap
         self._buffer: deque[tuple[float, str, bytes]] = deque()
         self._wakeup = asyncio.Event()
+        self._listening = listening
         self.healthy = True
 
     def submit(self, stream: str, payload: bytes) -> bool:
@@ -76,6 +84,10 @@ class StreamProducer:
             if not self._buffer:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            if self._listening is not None and not self._listening.is_set():
+                await self._listening.wait()
+                self._drop_expired()
+                continue
             batch = [self._buffer.popleft() for _ in range(min(self._batch, len(self._buffer)))]
             while batch:
                 try:
@@ -102,7 +114,15 @@ class StreamProducer:
                         "XADD failed; retrying", extra={"error": repr(exc), "entries": len(batch)}
                     )
                     await backoff.sleep()
+                    if self._listening is not None:
+                        await self._listening.wait()
                     # A request whose client has already been told it timed out must not
                     # be written late: drop what is older than the request timeout.
                     horizon = time.monotonic() - self._expire_after
                     batch = [item for item in batch if item[0] >= horizon]
+
+    def _drop_expired(self) -> None:
+        # As for a failed batch: what its client was already answered for is not written.
+        horizon = time.monotonic() - self._expire_after
+        while self._buffer and self._buffer[0][0] < horizon:
+            self._buffer.popleft()

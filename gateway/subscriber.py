@@ -31,6 +31,7 @@ UNSUBSCRIBE_LINGER = 2.0
 CONFIRM_TIMEOUT = 5.0
 # Quiet this long: PING; quiet twice as long: the connection is dead.
 IDLE_PING = 10.0
+RECONNECT_CAP = 0.5
 
 
 class Subscriber:
@@ -46,8 +47,11 @@ class Subscriber:
         backoff_cap: float = 2.0,
         name: str = "",
         writes: WriteBatch | None = None,
+        live: asyncio.Event | None = None,
     ) -> None:
         self._url = redis_url
+        # Set while :attr:`live`: what the producer waits for before it writes requests.
+        self.live_event = live or asyncio.Event()
         self._writes = writes or WriteBatch()
         self._name = name
         # Subscribed for the connection's whole life: the node's replies, the control
@@ -65,7 +69,20 @@ class Subscriber:
         self._conn: RespConnection | None = None
         self._expected: set[str] = set()
         self._last_rx = time.monotonic()
-        self.live = False  # connected and every wanted channel confirmed at least once
+        self._live = False
+
+    @property
+    def live(self) -> bool:
+        """Connected, and every wanted channel confirmed at least once."""
+        return self._live
+
+    @live.setter
+    def live(self, value: bool) -> None:
+        self._live = value
+        if value:
+            self.live_event.set()
+        else:
+            self.live_event.clear()
 
     @property
     def chat_channels(self) -> int:
@@ -128,7 +145,9 @@ class Subscriber:
 
     async def run(self) -> None:
         """Connect, subscribe, dispatch; reconnect with backoff until cancelled."""
-        backoff = Backoff(cap=self._backoff_cap)
+        # Requests wait for this connection (the producer holds them), so it is retried
+        # at least every RECONNECT_CAP seconds, whatever the other components' backoff.
+        backoff = Backoff(cap=min(self._backoff_cap, RECONNECT_CAP))
         first = True
         while True:
             conn: RespConnection | None = None

@@ -39,6 +39,7 @@ from redis.asyncio import Redis
 
 from deploy.local.prepare import TOOLS_BIN
 from deploy.local.servers import free_port
+from gateway.producer import StreamProducer
 from shared.codec import STREAM_FIELD, StreamEntry, encode_stream_entry, token_digest
 from shared.config import Settings
 from shared.keys import CONSUMER_GROUP, Keys, partition_of
@@ -660,6 +661,38 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(
 
 
 # -- 3. Redis outage: readiness flips, reconnects are counted ------------------------
+
+
+async def test_requests_are_written_only_while_the_gateway_hears_replies(
+    settings: Settings, redis: Redis, cleanup: None
+) -> None:
+    """While the gateway's pub/sub is down (a Redis restart), a worker would answer into
+    a channel nobody listens to and the client would wait for its timeout: the producer
+    holds requests until pub/sub is back, and drops those whose clients were already
+    answered (older than the request timeout)."""
+    listening = asyncio.Event()
+    producer = StreamProducer(
+        settings.redis_url, name="test-xadd", batch=10, max_buffered=100, maxlen=1000,
+        expire_after=0.5, listening=listening,
+    )  # fmt: skip
+    stream = Keys(settings.redis_prefix).stream(0)
+    task = asyncio.create_task(producer.run())
+    try:
+        assert producer.submit(stream, b"answered by its timeout meanwhile")
+        await asyncio.sleep(0.6)
+        assert producer.submit(stream, b"still awaited")
+        await asyncio.sleep(0.2)
+        assert await redis.xlen(stream) == 0 and producer.buffered == 2
+        listening.set()
+
+        async def written() -> list[bytes]:
+            return [fields[STREAM_FIELD] for _, fields in await redis.xrange(stream)]
+
+        assert await eventually("the request written", written) == [b"still awaited"]
+        assert producer.buffered == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 @contextlib.asynccontextmanager
