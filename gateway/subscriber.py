@@ -51,7 +51,7 @@ class Subscriber:
     ) -> None:
         self._url = redis_url
         # Set while :attr:`live`: what the producer waits for before it writes requests.
-        self.live_event = live or asyncio.Event()
+        self._live_event = live or asyncio.Event()
         self._writes = writes or WriteBatch()
         self._name = name
         # Subscribed for the connection's whole life: the node's replies, the control
@@ -80,9 +80,9 @@ class Subscriber:
     def live(self, value: bool) -> None:
         self._live = value
         if value:
-            self.live_event.set()
+            self._live_event.set()
         else:
-            self.live_event.clear()
+            self._live_event.clear()
 
     @property
     def chat_channels(self) -> int:
