@@ -116,13 +116,15 @@ class StreamProducer:
                     await backoff.sleep()
                     if self._listening is not None:
                         await self._listening.wait()
-                    # A request whose client has already been told it timed out must not
-                    # be written late: drop what is older than the request timeout.
-                    horizon = time.monotonic() - self._expire_after
+                    horizon = self._horizon()
                     batch = [item for item in batch if item[0] >= horizon]
 
+    def _horizon(self) -> float:
+        # A request whose client has already been told it timed out must not be written
+        # late: what was submitted before this is dropped.
+        return time.monotonic() - self._expire_after
+
     def _drop_expired(self) -> None:
-        # As for a failed batch: what its client was already answered for is not written.
-        horizon = time.monotonic() - self._expire_after
+        horizon = self._horizon()
         while self._buffer and self._buffer[0][0] < horizon:
             self._buffer.popleft()

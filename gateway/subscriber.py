@@ -69,16 +69,15 @@ class Subscriber:
         self._conn: RespConnection | None = None
         self._expected: set[str] = set()
         self._last_rx = time.monotonic()
-        self._live = False
+        self._live_event.clear()
 
     @property
     def live(self) -> bool:
         """Connected, and every wanted channel confirmed at least once."""
-        return self._live
+        return self._live_event.is_set()
 
     @live.setter
     def live(self, value: bool) -> None:
-        self._live = value
         if value:
             self._live_event.set()
         else:
