@@ -658,6 +658,16 @@ async def test_dashboard_and_alerts_use_only_exported_metrics(
                     if not any(merged.label_values(name, label) for name in names):
                         problems.append(f"{source}: grouping by {label} matches no label")
     assert problems == []
+    # And the other way: every chat_ series a process exports is on the dashboard, so an
+    # operator sees what the code counts (a take-over, a retry, a refused handshake).
+    shown = {_family(name) for name, _ in SELECTOR.findall(joined)}
+    exported_families = {_family(name) for name in samples if name.startswith("chat_")}
+    assert exported_families - shown == set()
+
+
+def _family(sample: str) -> str:
+    """A metric family's name from one of its sample names (counter, histogram)."""
+    return re.sub(r"_(total|created|bucket|sum|count)$", "", sample)
 
 
 # -- 3. Redis outage: readiness flips, reconnects are counted ------------------------
