@@ -255,6 +255,9 @@ class Stack:
                 continue
             env[names[field_name]] = str(value).lower() if isinstance(value, bool) else str(value)
         env.pop("NODE_ID", None)
+        if overrides.get("node_id"):
+            # Given: a stable name (as a StatefulSet gives); otherwise unique per process.
+            env["NODE_ID"] = str(overrides["node_id"])
         env["PYTHONPATH"] = str(ROOT)
         return env
 

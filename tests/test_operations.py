@@ -1192,6 +1192,85 @@ async def test_a_stopped_workers_partitions_are_taken_over_at_once(
     )
 
 
+async def test_a_worker_restarted_under_its_stable_node_id_takes_its_leases_back_at_once(
+    stack: Stack, seed: Seeder, log_dir: Path, redis: Redis
+) -> None:
+    """A worker with a stable NODE_ID (a StatefulSet's pod name) is SIGKILLed and started
+    again under the same name. Its leases still name it and its new presence is alive, so
+    no other worker could take them; it takes them back at once instead of leaving its
+    partitions unserved until they expire, and its chats continue from their last ids."""
+    lease = 60.0  # expiry would take a minute: what the test must not wait for
+    alice, token = await seed.user("Alice")
+    chat = await seed.chat(alice)
+    node = f"wk-stable-{uuid.uuid4().hex[:6]}"
+    proc, wk = stack.spawn("worker", log_dir, lease_seconds=lease, node_id=node)
+    gw = await stack.gateway()
+    await stack.wait_ready(wk)
+    partitions = list(range(stack.settings.partitions))
+
+    async def owns_all(url: str) -> bool:
+        return (await readyz(stack, url))[1].get("partitions") == partitions
+
+    await eventually("the worker to hold every partition", lambda: owns_all(wk))
+    assert (await readyz(stack, wk))[1]["node"] == node
+    client = await stack.client(gw, token)
+    await client.join(chat)
+    first = await client.send_text(chat, "before", client_msg_id="a")
+    assert first["type"] == "success"
+
+    proc.send_signal(signal.SIGKILL)
+    assert await wait_exit(proc) == -signal.SIGKILL
+    keys = Keys(stack.settings.redis_prefix)
+    assert {await redis.get(keys.lease(p)) for p in partitions} == {node.encode()}
+    started = time.monotonic()
+    _, wk_again = stack.spawn("worker", log_dir, lease_seconds=lease, node_id=node)
+    await eventually(
+        "the restarted worker to hold every partition",
+        lambda: owns_all(wk_again),
+        timeout=lease / 4,
+        every=0.02,
+    )
+    back = time.monotonic() - started
+    second = await client.send_text(chat, "after", client_msg_id="b")
+    assert second["type"] == "success"
+    assert int(second["messages"][0]["id"]) == int(first["messages"][0]["id"]) + 1
+    again = await scrape(stack, wk_again)
+    assert again.value("chat_worker_partitions_taken_total", owner="dead") == len(partitions)
+    print(f"\nrestarted under its NODE_ID: every partition back {back:.2f}s after the start")
+
+
+async def test_a_second_live_process_under_the_same_node_id_takes_no_lease(
+    stack: Stack, log_dir: Path
+) -> None:
+    """NODE_ID must be unique per process; when two share one by mistake, the second
+    finds the first's presence alive and leaves the leases naming that id alone (they
+    are not its predecessor's), and says so in its log."""
+    node = f"wk-twice-{uuid.uuid4().hex[:6]}"
+    _, first = stack.spawn("worker", log_dir, lease_seconds=60.0, node_id=node)
+    await stack.wait_ready(first)
+    partitions = list(range(stack.settings.partitions))
+
+    async def owned(url: str) -> Any:
+        return (await readyz(stack, url))[1].get("partitions")
+
+    async def first_owns_all() -> bool:
+        return await owned(first) == partitions
+
+    await eventually("the first to hold every partition", first_owns_all)
+    _, second = stack.spawn("worker", log_dir, lease_seconds=60.0, node_id=node)
+
+    async def warned() -> bool:
+        return any(
+            "another process is connected under this NODE_ID" in str(e.get("msg"))
+            for _, e in log_lines(log_dir)
+        )
+
+    await eventually("the second process's warning", warned)
+    await asyncio.sleep(1.0)  # several of its looks for free partitions
+    assert await owned(second) == []
+    assert await owned(first) == partitions
+
+
 # -- 5. gateway drain behind a real nginx ---------------------------------------------
 
 

@@ -27,6 +27,11 @@ waiting for its leases to run out. What this cannot see (a host that vanished wi
 closing its connections, a Redis that refuses the ``CLIENT`` commands, a worker of an
 earlier release that registers nothing) falls back to lease expiry.
 
+A worker restarted under a stable ``NODE_ID`` (a StatefulSet's pod name) finds leases
+naming itself that it never took: its previous process's, which nobody else can take
+(the name's presence is alive again). When that process's registered connection is gone
+from Redis, checked before the new one is registered, it takes them back at once.
+
 A worker fences itself as it does with its leases: it trusts them only while its
 registration was confirmed within ``PRESENCE_TRUST`` (half of ``DEAD_AFTER``), so one
 cut off from Redis stops writing before another can take it for dead. When its presence
@@ -183,6 +188,11 @@ class PartitionManager:
         # Free partition -> its dead owner and the registration judged dead.
         self._dead_owner: dict[int, tuple[str, str]] = {}
         self._client_list = redis_url is not None  # False once Redis refused CLIENT LIST
+        # Set once the previous process under this node id is known to be gone (its
+        # registered presence connection is not in Redis): its leases are this one's.
+        self._predecessor_gone = False
+        self._ever_held: set[int] = set()  # partitions this process has acquired
+        self._leftover: set[int] = set()  # leases naming this node, left by its predecessor
         self.stopping = False
         self.healthy = False
 
@@ -278,7 +288,7 @@ class PartitionManager:
         live, free = await self._free_now()
         if not free:
             return False
-        if len(self._valid_until) < math.ceil(self.partitions / live):
+        if self._leftover or len(self._valid_until) < math.ceil(self.partitions / live):
             return True
         now = time.monotonic()
         return any(now - self._free_since[p] >= ORPHAN_GRACE for p in free)
@@ -308,10 +318,20 @@ class PartitionManager:
             for p, owner in enumerate(owners)
             if owner is not None and owner in dead and p not in self._valid_until
         }
+        self._leftover = (
+            {
+                p
+                for p, owner in enumerate(owners)
+                if owner == self.node_id and p not in self._ever_held
+            }
+            if self._predecessor_gone
+            else set()
+        )
         free = [
             p
             for p, owner in enumerate(owners)
-            if (owner is None or owner in dead) and p not in self._valid_until
+            if (owner is None or owner in dead or p in self._leftover)
+            and p not in self._valid_until
         ]
         now = time.monotonic()
         self._free_since = {p: self._free_since.get(p, now) for p in free}
@@ -393,13 +413,22 @@ class PartitionManager:
         offset = hash(self.node_id) % self.partitions
         free.sort(key=lambda p: (p - offset) % self.partitions)
         for partition in free:
-            if wanted <= 0 and time.monotonic() - self._free_since[partition] < ORPHAN_GRACE:
+            leftover = partition in self._leftover
+            if (
+                wanted <= 0
+                and not leftover
+                and time.monotonic() - self._free_since[partition] < ORPHAN_GRACE
+            ):
                 continue
             started = time.monotonic()
             lease = self.keys.lease(partition)
             judged = self._dead_owner.get(partition)
             dead = judged[0] if judged is not None else None
-            if judged is None:
+            if leftover:
+                # Still naming this node: the previous process's, renewed as this one's.
+                dead = self.node_id
+                taken = await self._renew(keys=[lease], args=[self.node_id, ms])
+            elif judged is None:
                 taken = await self.redis.set(lease, self.node_id, nx=True, px=ms)
             else:
                 taken = await self._take_over(
@@ -408,6 +437,8 @@ class PartitionManager:
                 )
             if taken:
                 self._valid_until[partition] = started + 0.9 * self.lease
+                self._ever_held.add(partition)
+                self._leftover.discard(partition)
                 self._fresh.add(partition)
                 self._free_since.pop(partition, None)
                 wanted -= 1
@@ -456,6 +487,36 @@ class PartitionManager:
         except (RedisError, OSError):
             pass
 
+    async def _check_predecessor(self, conn: RespConnection, client_id: int) -> None:
+        """Before this process first registers: is the one registered under this node id
+        before it (a restart under a stable ``NODE_ID``) gone from Redis? Then the leases
+        naming this node are its leftovers, taken back at once (see the module's
+        docstring). Alive, two processes share the name: its leases are left alone."""
+        key = self.keys.worker_connections
+        async with asyncio.timeout(PRESENCE_TIMEOUT):
+            (previous,) = await conn.execute([("HGET", key, self.node_id)])
+            if previous is None:
+                return  # never registered (first start, or a release before presence)
+            if int(previous) == client_id:
+                # Redis restarted and gave this connection the old number: the previous
+                # connection is gone, since ids are unique among connected clients.
+                listed = b""
+            else:
+                try:
+                    (listed,) = await conn.execute([("CLIENT", "LIST", "ID", previous)])
+                except RespError as exc:
+                    if not _refused(exc):
+                        raise
+                    return  # cannot tell: its leases expire
+        if listed:
+            log.error(
+                "another process is connected under this NODE_ID (it must be unique per "
+                "process): the leases naming it are left to expire",
+                extra={"client_id": int(previous)},
+            )
+            return
+        self._predecessor_gone = True
+
     async def run_presence(self) -> None:
         """Hold the presence connection and keep its client id registered, until
         cancelled (see the module's docstring). Re-registered every ``FREE_CHECK``, so a
@@ -475,6 +536,8 @@ class PartitionManager:
                         )
                         async with asyncio.timeout(PRESENCE_TIMEOUT):
                             (client_id,) = await conn.execute([("CLIENT", "ID")])
+                        if self._confirmed_at is None:
+                            await self._check_predecessor(conn, client_id)
                         # Without presence for a while this worker may have been taken
                         # for dead: nothing is trusted until it is registered again.
                         rejoined = self._confirmed_at is not None
