@@ -497,24 +497,22 @@ class PartitionManager:
             (previous,) = await conn.execute([("HGET", key, self.node_id)])
             if previous is None:
                 return  # never registered (first start, or a release before presence)
-            if int(previous) == client_id:
-                # Redis restarted and gave this connection the old number: the previous
-                # connection is gone, since ids are unique among connected clients.
-                listed = b""
-            else:
+            # Equal: Redis restarted and gave this connection the old number, so the old
+            # connection is gone (ids are unique among connected clients).
+            if int(previous) != client_id:
                 try:
                     (listed,) = await conn.execute([("CLIENT", "LIST", "ID", previous)])
                 except RespError as exc:
                     if not _refused(exc):
                         raise
                     return  # cannot tell: its leases expire
-        if listed:
-            log.error(
-                "another process is connected under this NODE_ID (it must be unique per "
-                "process): the leases naming it are left to expire",
-                extra={"client_id": int(previous)},
-            )
-            return
+                if listed:
+                    log.error(
+                        "another process is connected under this NODE_ID (it must be "
+                        "unique per process): the leases naming it are left to expire",
+                        extra={"client_id": int(previous)},
+                    )
+                    return
         self._predecessor_gone = True
 
     async def run_presence(self) -> None:
