@@ -33,7 +33,6 @@ from shared.codec import (
     decode_push,
     decode_reply_envelope,
     encode_stream_entry,
-    token_digest,
 )
 from shared.config import Settings
 from shared.keys import Keys, partition_of
@@ -185,7 +184,7 @@ class Hub:
         A ``get_history`` that this node may serve itself (:meth:`_reads_here`) is read
         from MongoDB here instead, and forwarded only if that read fails.
         """
-        digest = token_digest(request.token)
+        digest = conn.token_digest(request.token)
         if request.event_type == protocol.GET_HISTORY:
             if self._reads_here(conn, request, digest) and await self._read_here(
                 conn, request, received_at

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.connection import TRANSPORT_HIGH_WATER, Connection, WriteBatch, text_frame
+from shared.codec import token_digest
 
 
 class RecordingTransport:
@@ -108,3 +109,14 @@ async def test_gathered_bytes_count_against_the_high_water_mark() -> None:
     assert ta.writes[1:] == [text_frame(b"third")]
     assert a.queued == (0, 0)
     assert not slow
+
+
+def test_a_sockets_token_digest_follows_the_token_it_sends() -> None:
+    """Hashed once per token, not per request: a socket that changes tokens (a refresh,
+    or another user's token tried on it) gets the new token's digest at once."""
+    conn, _ = _conn(1, WriteBatch(), [])
+    first, second = "token-one", "token-two"
+    assert conn.token_digest(first) == token_digest(first)
+    assert conn.token_digest(first) == token_digest(first)
+    assert conn.token_digest(second) == token_digest(second)
+    assert conn.token_digest(first) == token_digest(first)
