@@ -85,6 +85,38 @@ def password_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSe
         server.stop()
 
 
+async def test_a_call_that_outlives_its_timeout_fails_and_closes_the_connection(
+    servers: Servers,
+) -> None:
+    """The connection keeps each call's deadline itself: quick calls with a timeout leave
+    nothing behind that could cut a later call short, a call answered just inside its
+    timeout succeeds, and one Redis keeps waiting on (a BLPOP of an empty list) fails
+    with TimeoutError once its own timeout has passed, the connection closed."""
+    loop = asyncio.get_running_loop()
+    conn = await RespConnection.open(servers.redis.url)
+    try:
+        # A timer armed by the first of these fires while later ones run or after.
+        until = loop.time() + 0.6
+        while loop.time() < until:
+            assert await conn.execute([("PING",)], 0.2) == [b"PONG"]
+            await asyncio.sleep(0.01)
+        assert await conn.execute([("BLPOP", "resp:test:empty", "0.3")], 1.0) == [None]
+        # Idle past the last call's deadline: the connection is not closed for it.
+        await asyncio.sleep(1.2)
+        assert await conn.execute([("PING",)]) == [b"PONG"]
+        assert not conn.closed
+        # Its timer is still pending when the next call starts: it must re-arm for it.
+        assert await conn.execute([("PING",)], 0.1) == [b"PONG"]
+        started = loop.time()
+        with pytest.raises(TimeoutError, match=r"within 0\.4 s"):
+            await conn.execute([("BLPOP", "resp:test:empty", "5")], 0.4)
+        waited = loop.time() - started
+        assert 0.4 <= waited < 1.0, waited
+        assert conn.closed
+    finally:
+        await conn.aclose()
+
+
 async def test_auth_from_url(password_redis: LocalServer) -> None:
     url = f"redis://:s3cret@127.0.0.1:{password_redis.port}/0"
     conn = await RespConnection.open(url)

@@ -298,10 +298,7 @@ class Consumer:
         if self._in is None or self._in.closed:
             self._in = await RespConnection.open(self._redis_url, name=f"worker-in:{self.node_id}")
         try:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the call in a
-            # Task of its own, two more passes of the event loop per batch.
-            async with asyncio.timeout((block or 0) / 1000 + READ_TIMEOUT):
-                (response,) = await self._in.execute([command])
+            (response,) = await self._in.execute([command], (block or 0) / 1000 + READ_TIMEOUT)
         except RespError as exc:
             if "NOGROUP" in str(exc):
                 # Redis lost the group (restarted without its data): create it again.
@@ -424,8 +421,7 @@ class Consumer:
             self._out = await RespConnection.open(
                 self._redis_url, name=f"worker-out:{self.node_id}"
             )
-        async with asyncio.timeout(PUBLISH_TIMEOUT):
-            await self._out.execute(commands)
+        await self._out.execute(commands, PUBLISH_TIMEOUT)
 
     async def trim_streams(self) -> int:
         """Remove what every worker is done with from each owned partition's stream: the

@@ -493,26 +493,27 @@ class PartitionManager:
         naming this node are its leftovers, taken back at once (see the module's
         docstring). Alive, two processes share the name: its leases are left alone."""
         key = self.keys.worker_connections
-        async with asyncio.timeout(PRESENCE_TIMEOUT):
-            (previous,) = await conn.execute([("HGET", key, self.node_id)])
-            if previous is None:
-                return  # never registered (first start, or a release before presence)
-            # Equal: Redis restarted and gave this connection the old number, so the old
-            # connection is gone (ids are unique among connected clients).
-            if int(previous) != client_id:
-                try:
-                    (listed,) = await conn.execute([("CLIENT", "LIST", "ID", previous)])
-                except RespError as exc:
-                    if not _refused(exc):
-                        raise
-                    return  # cannot tell: its leases expire
-                if listed:
-                    log.error(
-                        "another process is connected under this NODE_ID (it must be "
-                        "unique per process): the leases naming it are left to expire",
-                        extra={"client_id": int(previous)},
-                    )
-                    return
+        (previous,) = await conn.execute([("HGET", key, self.node_id)], PRESENCE_TIMEOUT)
+        if previous is None:
+            return  # never registered (first start, or a release before presence)
+        # Equal: Redis restarted and gave this connection the old number, so the old
+        # connection is gone (ids are unique among connected clients).
+        if int(previous) != client_id:
+            try:
+                (listed,) = await conn.execute(
+                    [("CLIENT", "LIST", "ID", previous)], PRESENCE_TIMEOUT
+                )
+            except RespError as exc:
+                if not _refused(exc):
+                    raise
+                return  # cannot tell: its leases expire
+            if listed:
+                log.error(
+                    "another process is connected under this NODE_ID (it must be "
+                    "unique per process): the leases naming it are left to expire",
+                    extra={"client_id": int(previous)},
+                )
+                return
         self._predecessor_gone = True
 
     async def run_presence(self) -> None:
@@ -532,8 +533,7 @@ class PartitionManager:
                         conn = await RespConnection.open(
                             self.redis_url, name=f"worker-presence:{self.node_id}"
                         )
-                        async with asyncio.timeout(PRESENCE_TIMEOUT):
-                            (client_id,) = await conn.execute([("CLIENT", "ID")])
+                        (client_id,) = await conn.execute([("CLIENT", "ID")], PRESENCE_TIMEOUT)
                         if self._confirmed_at is None:
                             await self._check_predecessor(conn, client_id)
                         # Without presence for a while this worker may have been taken
@@ -543,10 +543,10 @@ class PartitionManager:
                             self._confirmed_at = -math.inf
                     # Also while draining: the batch in hand still needs its leases trusted.
                     sent = time.monotonic()
-                    async with asyncio.timeout(PRESENCE_TIMEOUT):
-                        await conn.execute(
-                            [("HSET", self.keys.worker_connections, self.node_id, client_id)]
-                        )
+                    await conn.execute(
+                        [("HSET", self.keys.worker_connections, self.node_id, client_id)],
+                        PRESENCE_TIMEOUT,
+                    )
                     if rejoined:
                         # A worker that judged it dead can take its leases only while the
                         # old registration stands: renewed after this one, a lease that
