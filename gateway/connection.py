@@ -187,9 +187,9 @@ class Connection:
 
     def token_digest(self, token: str) -> str:
         """``codec.token_digest(token)``, hashed once while the socket keeps sending the
-        same token (a SHA-256 through OpenSSL was ~5 % of a gateway's CPU per request;
-        comparing the string is ~1/15 of it). The last token stays in this process's
-        memory only, as the request that brought it did."""
+        same token: a SHA-256 through OpenSSL per request was ~5 % of a gateway's busy
+        samples, a string comparison costs ~1/15 of one. The last token stays in this
+        process's memory only, as the request that brought it did."""
         if token != self._token:
             self._digest = token_digest(token)
             self._token = token
