@@ -143,6 +143,7 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
         )
 
     hub = Hub(settings, producer, metrics, subscriber_for, app.get(HISTORY_READER))
+    producer.on_written = hub.written
     app[HUB] = hub
     tasks = [
         asyncio.create_task(producer.run(), name="xadd-producer"),
@@ -159,6 +160,7 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await hub.wait_closed()
 
 
 async def root(request: web.Request) -> web.StreamResponse:

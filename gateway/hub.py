@@ -39,6 +39,7 @@ from shared.keys import Keys, partition_of
 from shared.logs import describe_error
 from shared.metrics import GRANT_END_REASONS, GatewayMetrics
 from shared.mongo import HistoryReader
+from shared.wire import Doc
 
 from .connection import ChatState, Connection, WriteBatch, text_frame
 from .producer import StreamProducer
@@ -85,6 +86,7 @@ class Pending:
     digest: str
     deadline: float  # event-loop time when this node answers server_error itself
     fill: bool = False  # an internal gap fill, not a client's request
+    entry_id: bytes | None = None  # a send's stream entry, once written
 
 
 class Hub:
@@ -124,6 +126,8 @@ class Hub:
         self._ids = itertools.count(1)
         self._req_ids = itertools.count(1)
         self._fills: dict[str, Fill] = {}
+        # Look-ups of sends whose replies may have been missed (see on_resubscribed).
+        self._recoveries: set[asyncio.Task[None]] = set()
         # History pages this node reads itself (GATEWAY_READS_HISTORY), and the sockets
         # whose page is being read (bounded: beyond it, pages go to the workers).
         self.reader = reader
@@ -327,7 +331,10 @@ class Hub:
             carried_age=True,
         )
         stream = self.keys.stream(partition_of(chat_id, self.settings.partitions))
-        if not self.producer.submit(stream, encode_stream_entry(entry)):
+        # A send's entry id is kept: its message's _id, by which it is found stored if
+        # its reply is missed (on_resubscribed).
+        key = req if event_type in protocol.SEND_EVENTS and not fill else 0
+        if not self.producer.submit(stream, encode_stream_entry(entry), key):
             self.subscriber.release(self.keys.chat_channel(chat_id))
             if not fill:
                 self.metrics.overload_refusals.inc()
@@ -380,13 +387,26 @@ class Hub:
         self._expiry = None if first is None else loop.call_at(first.deadline, self._expire)
 
     def close(self) -> None:
-        """Stop the deadline timer (the node is shutting down)."""
+        """Stop the deadline timer and the look-ups of missed replies (the node is
+        shutting down); :meth:`wait_closed` waits for the look-ups to end."""
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
         for handle in self._own_timers.values():
             handle.cancel()
         self._own_timers.clear()
+        for task in self._recoveries:
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait for the look-ups :meth:`close` cancelled."""
+        await asyncio.gather(*self._recoveries, return_exceptions=True)
+
+    def written(self, req: int, entry_id: bytes) -> None:
+        """The producer wrote request ``req``'s stream entry (a send): remember its id."""
+        pending = self.pending.get(req)
+        if pending is not None:
+            pending.entry_id = entry_id
 
     def _timeout(self, req: int) -> None:
         pending = self._take(req)
@@ -809,7 +829,33 @@ class Hub:
             self._out_push.inc(recovered)
 
     def on_resubscribed(self) -> None:
-        """After a (re)connect: fetch what every local chat may have missed meanwhile."""
+        """After a (re)connect: fetch what every local chat may have missed meanwhile.
+
+        Sends written before the pub/sub connection was lost may have been stored and
+        answered while it was down: those replies are gone. Each such send is looked up
+        first by its entry id (its message's _id) and, found, answered from MongoDB (one
+        not yet stored is answered by its worker, now heard); the chats' gaps are filled
+        after it, so a recovered reply stands for its message's push on the author's
+        socket, in id order, as a worker's reply does. Needs this node's MongoDB reader.
+        """
+        partitions = self.settings.partitions
+        lost = {
+            f"{partition_of(p.chat_id, partitions)}-{p.entry_id.decode()}": req
+            for req, p in self.pending.items()
+            if p.entry_id is not None
+        }
+        if not lost or self.reader is None:
+            self._fill_gaps()
+            return
+        task = asyncio.get_running_loop().create_task(self._recover(lost))
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
+
+    async def _recover(self, lost: dict[str, int]) -> None:
+        await self._answer_stored(lost)
+        self._fill_gaps()
+
+    def _fill_gaps(self) -> None:
         for chat_id, members in list(self.chats.items()):
             if chat_id in self._fills or not members:
                 continue
@@ -819,6 +865,47 @@ class Hub:
             )
             if after is not None:
                 self._start_fill(chat_id, after, [])
+
+    async def _answer_stored(self, lost: dict[str, int]) -> None:
+        assert self.reader is not None
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                docs = await self.reader.by_ids(list(lost))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Those requests are answered as before: by their timeout.
+            log.warning(
+                "could not look up sends whose replies may have been missed",
+                extra={"error": describe_error(exc), "requests": len(lost)},
+            )
+            return
+        for doc in docs:
+            req = lost.get(doc["_id"])
+            pending = self._take(req) if req is not None else None
+            if pending is None:
+                continue  # answered meanwhile (its reply came after all), or timed out
+            self.metrics.replies_recovered.inc()
+            view = protocol.message_view(doc, True)
+            frame = protocol.encode_reply(
+                protocol.SUCCESS,
+                pending.event_type,
+                [view],
+                protocol.DETAIL_SUCCESS,
+                pending.request_id,
+            )
+            self._answer(pending, frame, self._kept_grant(pending, doc), None)
+
+    @staticmethod
+    def _kept_grant(pending: Pending, doc: Doc) -> Grant | None:
+        """The socket's grant to the chat as it stands, naming the recovered message (so
+        the reply goes out in id order, as a worker's would); None when the socket has no
+        grant to the chat for the message's author: no worker's word extends one here."""
+        state = pending.conn.chats.get(pending.chat_id)
+        if state is None or state.user_id != doc["user_id"]:
+            return None
+        age = max(0.0, time.monotonic() - state.granted_at)
+        return Grant(pending.chat_id, state.user_id, int(doc["seq"]), state.expires_at, age=age)
 
 
 def _reply_type(frame: bytes) -> str:

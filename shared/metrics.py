@@ -291,6 +291,12 @@ class GatewayMetrics:
             "Gap fills given up after repeated timeouts (sockets may have missed messages).",
             registry=r,
         )
+        self.replies_recovered = Counter(
+            "chat_gateway_replies_recovered",
+            "Sends answered from MongoDB after this node's pub/sub reconnected: stored, "
+            "their reply published while it was not listening.",
+            registry=r,
+        )
         self.stream_buffer = Gauge(
             "chat_gateway_stream_buffer",
             "Requests waiting for their XADD to a partition stream (bounded).",

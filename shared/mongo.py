@@ -118,3 +118,10 @@ class HistoryReader:
         if order == DESCENDING:
             page.reverse()
         return page
+
+    async def by_ids(self, ids: list[str]) -> list[Doc]:
+        """The stored messages among ``ids`` (event ids, the messages' ``_id``)."""
+        query: Doc = {"_id": {"$in": ids}}
+        if self.wire is not None:
+            return await self.wire.find(self.messages.name, query, sort={"_id": 1}, limit=len(ids))
+        return await self.messages.find(query).to_list()

@@ -119,7 +119,9 @@ class Client:
             "message": {"type": "text", "text": text},
             "request_id": request_id,
         }
-        await self.send_raw(orjson.dumps(body).decode())
+        # Its reply carries the request_id: not counted as a plain request's, which would
+        # take the next push without one for a reply.
+        await self.send_raw(orjson.dumps(body).decode(), expect_reply=False)
 
     async def reply(self, timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:
         """The next reply (a frame that answers a request of ours)."""

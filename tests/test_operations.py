@@ -673,6 +673,73 @@ def _family(sample: str) -> str:
 # -- 3. Redis outage: readiness flips, reconnects are counted ------------------------
 
 
+async def test_a_send_answered_while_its_gateway_was_not_listening_is_answered_from_mongodb(
+    stack: Stack, seed: Seeder, log_dir: Path, redis: Redis
+) -> None:
+    """A send is written; its gateway's pub/sub connection is dropped (here: its Redis
+    user loses its channels, which closes the connection and refuses a resubscription);
+    the worker stores the message and publishes the reply to nobody. Once the gateway
+    hears its channels again it finds the send stored by its entry id and answers it as
+    the worker did, instead of server_error at the request's timeout."""
+    user = f"gw{uuid.uuid4().hex[:6]}"
+    await redis.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all")
+    url = stack.settings.redis_url.replace("redis://", f"redis://{user}:pw@", 1)
+    client_db, store = await mongo_store(stack.settings)
+    try:
+        alice, token = await seed.user("Alice")
+        chat = await seed.chat(alice)
+        worker, wk = stack.spawn("worker", log_dir)
+        _, gw = stack.spawn("gateway", log_dir, redis_url=url, request_timeout=30.0)
+        await stack.wait_ready(wk)
+        await stack.wait_ready(gw)
+        client = await stack.client(gw, token)
+        await client.join(chat)
+        first = await client.send_text(chat, "heard")
+        assert first["type"] == "success"
+        stream = Keys(stack.settings.redis_prefix).stream(
+            partition_of(chat, stack.settings.partitions)
+        )
+        written = await redis.xlen(stream)
+
+        async def stored() -> bool:
+            return await store.messages.count_documents({"chat_id": chat}) == 2
+
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            await client.queue_text(chat, "answered unheard", "unheard")
+
+            async def in_stream() -> bool:
+                return await redis.xlen(stream) > written
+
+            await eventually("the send written", in_stream)
+            await redis.execute_command("ACL", "SETUSER", user, "resetchannels")
+
+            async def not_listening() -> bool:
+                return (await readyz(stack, gw))[0] == 503
+
+            await eventually("the gateway to stop hearing its channels", not_listening)
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        await eventually("the message stored", stored)
+        await asyncio.sleep(0.3)  # and its reply published, to nobody
+        await redis.execute_command("ACL", "SETUSER", user, "&*")
+        reply = await client.reply(timeout=10.0)  # the request's timeout is 30 s
+        assert (reply["request_id"], reply["type"]) == ("unheard", "success"), reply
+        [message] = reply["messages"]
+        assert message["text"] == "answered unheard" and message["is_my"] is True
+        assert int(message["id"]) == int(first["messages"][0]["id"]) + 1
+        # The reply stood for the message's push on this socket, in id order, as a
+        # worker's reply with its grant does: the chat's gap fill does not push it again.
+        await client.no_push(1.0)
+        recovered = await scrape(stack, gw)
+        assert recovered.value("chat_gateway_replies_recovered_total") == 1
+        # The socket keeps its grant: the chat's next message reaches it as before.
+        assert (await client.send_text(chat, "after"))["type"] == "success"
+    finally:
+        await client_db.close()
+        await redis.execute_command("ACL", "DELUSER", user)
+
+
 async def test_requests_are_written_only_while_the_gateway_hears_replies(
     settings: Settings, redis: Redis, cleanup: None
 ) -> None:

@@ -36,7 +36,7 @@ from pymongo.uri_parser import parse_uri
 
 from deploy.local.servers import LOOPBACK, LocalServer, free_port, mongo_server
 from shared.config import Settings
-from shared.mongo import create_client, wire_client
+from shared.mongo import HistoryReader, create_client, wire_client
 from shared.wire import (
     COMMAND_ROOM,
     Doc,
@@ -74,7 +74,7 @@ async def _stores(url: str, database: str) -> AsyncIterator[tuple[Store, Store, 
 async def test_stored_and_read_as_pymongo_stores_and_reads(
     settings: Settings, cleanup: None
 ) -> None:
-    async with _stores(settings.mongo_url, settings.mongo_database) as (plain, lean, _):
+    async with _stores(settings.mongo_url, settings.mongo_database) as (plain, lean, wire):
         await plain.ensure_indexes()
         await lean.insert_messages(_docs("c1", 1, 120))
         await plain.insert_messages(_docs("c2", 1, 3))
@@ -91,6 +91,14 @@ async def test_stored_and_read_as_pymongo_stores_and_reads(
             assert page == await plain.history("c1", **query), query
         assert [d["seq"] for d in await lean.history("c1", limit=3, before=40)] == [37, 38, 39]
         assert await lean.history("nobody", limit=50) == []
+        # Messages by their _id (a gateway's look-up of sends whose replies it missed).
+        wanted = ["c1-7", "c2-3", "c1-999", "c1-120"]
+        for reader in (HistoryReader(plain.messages), HistoryReader(lean.messages, wire)):
+            found = sorted(await reader.by_ids(wanted), key=lambda d: d["_id"])
+            assert found == sorted(
+                [*_docs("c1", 7, 1), *_docs("c2", 3, 1), *_docs("c1", 120, 1)],
+                key=lambda d: d["_id"],
+            )
 
 
 async def test_duplicates_fail_as_insert_many_fails(settings: Settings, cleanup: None) -> None:
