@@ -33,6 +33,7 @@ from shared.codec import (
     decode_push,
     decode_reply_envelope,
     encode_stream_entry,
+    event_id,
 )
 from shared.config import Settings
 from shared.keys import Keys, partition_of
@@ -840,7 +841,7 @@ class Hub:
         """
         partitions = self.settings.partitions
         lost = {
-            f"{partition_of(p.chat_id, partitions)}-{p.entry_id.decode()}": req
+            event_id(partition_of(p.chat_id, partitions), p.entry_id.decode()): req
             for req, p in self.pending.items()
             if p.entry_id is not None
         }

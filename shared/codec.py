@@ -33,6 +33,13 @@ def entry_payload(fields: list[bytes] | None) -> bytes | None:
     return None
 
 
+def event_id(partition: int, entry_id: str) -> str:
+    """A request's id across all partitions, from its stream entry: a stored message's
+    ``_id`` (by which a worker finds a redelivered entry's message, and a gateway a send
+    whose reply it missed)."""
+    return f"{partition}-{entry_id}"
+
+
 def token_digest(token: str) -> str:
     """SHA-256 hex digest of a token: the only form a token is stored or sent in."""
     return hashlib.sha256(token.encode()).hexdigest()

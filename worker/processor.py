@@ -21,7 +21,7 @@ from itertools import islice
 from typing import Any
 
 from shared import protocol
-from shared.codec import Grant, Push, Reply, StreamEntry
+from shared.codec import Grant, Push, Reply, StreamEntry, event_id
 from shared.metrics import WorkerMetrics
 from shared.wire import Doc
 
@@ -46,7 +46,7 @@ class Item:
     @property
     def event_id(self) -> str:
         """Unique id of this request across all partitions: the message's ``_id``."""
-        return f"{self.partition}-{self.entry_id}"
+        return event_id(self.partition, self.entry_id)
 
 
 @dataclass(slots=True)

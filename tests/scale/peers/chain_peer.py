@@ -41,7 +41,7 @@ from pymongo import AsyncMongoClient
 
 from gateway.connection import text_frame
 from gateway.producer import StreamProducer
-from shared.codec import entry_payload
+from shared.codec import entry_payload, event_id
 from shared.keys import partition_of
 from shared.mongo import client_options
 from shared.protocol import message_view
@@ -352,10 +352,10 @@ async def work(redis_url: str, mongo_url: str) -> None:
         batch = Batch(store, last)
         acks: list[tuple[Any, ...]] = []
         for stream, entries in streams:
-            partition = stream.rsplit(b":", 1)[1].decode()
+            partition = int(stream.rsplit(b":", 1)[1])
             for entry_id, fields in entries:
                 # The event id as ours makes it: partition and entry id.
-                await batch.add(f"{partition}-{entry_id.decode()}", decode_entry(fields))
+                await batch.add(event_id(partition, entry_id.decode()), decode_entry(fields))
             acks.append(("XACK", stream, GROUP, *(entry_id for entry_id, _ in entries)))
         await out.execute([*await batch.finish(), *acks])
 
