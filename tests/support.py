@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -380,3 +380,72 @@ def env_from(settings: Settings) -> Mapping[str, str]:
     """Settings as environment variables (for the admin CLI)."""
     names = env_names()
     return {names["redis_url"]: settings.redis_url, names["mongo_url"]: settings.mongo_url}
+
+
+class Relay:
+    """Copies bytes between clients and a server on loopback (a network fault stand-in,
+    not a server's): can cut every connection, stall, or let a request through and lose
+    its answer."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+        self._lose_answer_to: bytes | None = None
+        self.answers_lost = 0
+
+    def lose_answer_to(self, marker: bytes) -> None:
+        """The next request whose bytes contain ``marker`` reaches the server; what the
+        server sends back next on that connection is dropped and the connection cut."""
+        self._lose_answer_to = marker
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers |= {writer, up_writer}
+        losing = asyncio.Event()  # the answer now coming back is to be lost
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    await self.flowing.wait()
+                    marker = self._lose_answer_to
+                    if up and marker is not None and marker in data:
+                        self._lose_answer_to = None
+                        losing.set()
+                    elif not up and losing.is_set():
+                        self.answers_lost += 1
+                        writer.transport.abort()
+                        up_writer.transport.abort()
+                        return
+                    dst.write(data)
+            dst.close()
+
+        await asyncio.gather(copy(reader, up_writer, True), copy(up_reader, writer, False))
+
+    def url(self, database: str, query: str = "") -> str:
+        """A MongoDB URL that goes through the relay."""
+        return f"mongodb://127.0.0.1:{self.port}/{database}" + (f"?{query}" if query else "")
+
+    async def stall(self, call: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """``call`` started with the relay holding its bytes, and given time to send them."""
+        self.flowing.clear()
+        pending = asyncio.ensure_future(call)
+        await asyncio.sleep(0.2)
+        return pending
+
+    def cut(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()

@@ -24,6 +24,7 @@ import socket
 import string
 import subprocess
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ from shared.metrics import (
     WorkerMetrics,
 )
 from tests.conftest import Servers
-from tests.support import ROOT, Client, Seeder, Stack, mongo_store
+from tests.support import ROOT, Client, Relay, Seeder, Stack, mongo_store
 from worker.auth import Authenticator
 from worker.consumer import Consumer, RedisClock, clock_offset
 from worker.partitions import (
@@ -738,6 +739,55 @@ async def test_a_send_answered_while_its_gateway_was_not_listening_is_answered_f
     finally:
         await client_db.close()
         await redis.execute_command("ACL", "DELUSER", user)
+
+
+async def test_an_xadd_whose_answer_was_lost_is_not_written_again(
+    settings: Settings, servers: Servers, redis: Redis, cleanup: None
+) -> None:
+    """Redis takes a pipeline of XADDs, and its answer is lost with the connection. The
+    producer cannot tell whether the entries were written: it finds them in their
+    streams before writing again, so each request is in its stream once (a send written
+    twice would be stored twice) and its entry id is still reported."""
+    relay = Relay(servers.redis.port)
+    await relay.start()
+    db = urllib.parse.urlsplit(settings.redis_url).path or "/0"
+    url = f"redis://127.0.0.1:{relay.port}{db}"
+    producer = StreamProducer(
+        url, name="test-xadd", batch=10, max_buffered=100, maxlen=1000,
+        expire_after=30.0, backoff_cap=0.05,
+    )  # fmt: skip
+    reported: list[tuple[int, bytes]] = []
+    producer.on_written = lambda key, entry_id: reported.append((key, entry_id))
+    keys = Keys(settings.redis_prefix)
+    task = asyncio.create_task(producer.run())
+    try:
+        relay.lose_answer_to(b"XADD")
+        assert producer.submit(keys.stream(0), b"first", 1)
+        assert producer.submit(keys.stream(1), b"second", 2)
+
+        async def both_reported() -> bool:
+            return len(reported) == 2
+
+        await eventually("both entries reported written", both_reported)
+        assert relay.answers_lost == 1
+        first = [(i, f[STREAM_FIELD]) for i, f in await redis.xrange(keys.stream(0))]
+        second = [(i, f[STREAM_FIELD]) for i, f in await redis.xrange(keys.stream(1))]
+        assert [p for _, p in first] == [b"first"] and [p for _, p in second] == [b"second"]
+        assert sorted(reported) == [(1, first[0][0]), (2, second[0][0])]
+        # And on: the next entry is written once, on the connection opened again.
+        assert producer.submit(keys.stream(0), b"third", 3)
+        await eventually("the third reported", lambda: _has(reported, 3))
+        assert [f[STREAM_FIELD] for _, f in await redis.xrange(keys.stream(0))] == [
+            b"first", b"third"
+        ]  # fmt: skip
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await relay.close()
+
+
+async def _has(reported: list[tuple[int, bytes]], key: int) -> bool:
+    return any(k == key for k, _ in reported)
 
 
 async def test_requests_are_written_only_while_the_gateway_hears_replies(

@@ -17,10 +17,9 @@ import socket
 import subprocess
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import bson
 import pytest
@@ -48,7 +47,7 @@ from shared.wire import (
 )
 from tests.conftest import Servers
 from tests.scale.common import with_query
-from tests.support import message_docs
+from tests.support import Relay, message_docs
 from worker.processor import _duplicate_index
 from worker.store import Store
 
@@ -313,56 +312,6 @@ async def test_tls_checks_the_certificate_and_its_names(tls_mongo: TlsMongo) -> 
 
 
 # -- failures ---------------------------------------------------------------------
-
-
-class Relay:
-    """Copies bytes between clients and a server; can cut every connection, or stall."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.port = 0
-        self.flowing = asyncio.Event()
-        self.flowing.set()
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, LOOPBACK, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(LOOPBACK, self.target)
-        self._writers |= {writer, up_writer}
-
-        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    await self.flowing.wait()
-                    dst.write(data)
-            dst.close()
-
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
-
-    def url(self, database: str, query: str = "") -> str:
-        """A MongoDB URL that goes through the relay."""
-        return f"mongodb://{LOOPBACK}:{self.port}/{database}" + (f"?{query}" if query else "")
-
-    async def stall(self, call: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """``call`` started with the relay holding its bytes, and given time to send them."""
-        self.flowing.clear()
-        pending = asyncio.ensure_future(call)
-        await asyncio.sleep(0.2)
-        return pending
-
-    def cut(self) -> None:
-        for writer in self._writers:
-            writer.transport.abort()
-        self._writers.clear()
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
 
 
 @pytest.fixture
