@@ -844,8 +844,8 @@ class Hub:
             event_id(partition_of(p.chat_id, partitions), p.entry_id.decode()): req
             for req, p in self.pending.items()
             if p.entry_id is not None
-        }
-        if not lost or self.reader is None:
+        } if self.reader is not None else {}  # fmt: skip
+        if not lost:
             self._fill_gaps()
             return
         task = asyncio.get_running_loop().create_task(self._recover(lost))
