@@ -332,9 +332,10 @@ class Hub:
             carried_age=True,
         )
         stream = self.keys.stream(partition_of(chat_id, self.settings.partitions))
-        # A send's entry id is kept: its message's _id, by which it is found stored if
-        # its reply is missed (on_resubscribed).
-        key = req if event_type in protocol.SEND_EVENTS and not fill else 0
+        # A send's entry id is kept: its message's _id, by which this node's reader finds
+        # it stored if its reply is missed (on_resubscribed). Without a reader, no use.
+        keep = event_type in protocol.SEND_EVENTS and not fill and self.reader is not None
+        key = req if keep else 0
         if not self.producer.submit(stream, encode_stream_entry(entry), key):
             self.subscriber.release(self.keys.chat_channel(chat_id))
             if not fill:
@@ -844,7 +845,7 @@ class Hub:
             event_id(partition_of(p.chat_id, partitions), p.entry_id.decode()): req
             for req, p in self.pending.items()
             if p.entry_id is not None
-        } if self.reader is not None else {}  # fmt: skip
+        }
         if not lost:
             self._fill_gaps()
             return
