@@ -1,11 +1,12 @@
-"""A lean MongoDB connection for the worker's hot path: ``insert`` and ``find`` on raw OP_MSG.
+"""A lean MongoDB connection for the hot path: ``insert``, ``find``, ``aggregate`` on OP_MSG.
 
 PyMongo's asynchronous client costs ~220-360 us of client CPU per call, most of it
 whatever the call carries (docs/benchmarks.md, ninth round): it wraps every reply in two tasks and an
 ``asyncio.wait`` and every send in a ``wait_for``, and runs its session, retry and
 monitoring machinery around each command. The worker makes one such call per batch of
-sends (``insert``) and one per page read (``find``), so that fixed cost is a large share
-of a batch. These connections encode a command with ``bson``'s C encoder, write it, and
+sends (``insert``), one per page read (``find``) and, for a batch with a token or chat
+not in its cache, one or two look-ups (``aggregate``, ``find``), so that fixed cost is a
+large share of a batch. These connections encode a command with ``bson``'s C encoder, write it, and
 match the reply by its request id, for ~90-170 us a call.
 
 It is deliberately small, and used only where it is sure to behave like PyMongo:
@@ -397,7 +398,7 @@ class Credentials:
 
 
 class WireClient:
-    """``insert`` and ``find`` on the server PyMongo's client writes to, over lean
+    """``insert``, ``find`` and ``aggregate`` on the server PyMongo's client writes to, over lean
     connections opened as calls need them and opened again after a failure."""
 
     def __init__(self, client: AsyncMongoClient[Doc], url: str, database: str) -> None:
@@ -529,22 +530,44 @@ class WireClient:
             start = end
         return inserted
 
-    async def find(self, collection: str, query: Doc, *, sort: Doc, limit: int) -> list[Doc]:
-        """The documents matching ``query`` in ``sort`` order, at most ``limit`` (> 0),
-        read from the primary in one reply."""
+    async def find(
+        self,
+        collection: str,
+        query: Doc,
+        *,
+        sort: Doc | None = None,
+        limit: int = 0,
+        projection: Doc | None = None,
+    ) -> list[Doc]:
+        """The documents matching ``query``, in ``sort`` order and at most ``limit`` when
+        it is above 0, read from the primary: in one reply when ``limit`` fits in one."""
+        body: Doc = {"find": collection, "filter": query}
+        if sort is not None:
+            body["sort"] = sort
+        if projection is not None:
+            body["projection"] = projection
+        if limit > 0:
+            body["limit"] = limit
+            body["batchSize"] = limit
+        return await self._cursor(collection, body)
+
+    async def aggregate(self, collection: str, pipeline: list[Doc]) -> list[Doc]:
+        """Every document ``pipeline`` on ``collection`` gives, read from the primary."""
+        body: Doc = {"aggregate": collection, "pipeline": pipeline, "cursor": {}}
+        return await self._cursor(collection, body)
+
+    async def _cursor(self, collection: str, body: Doc) -> list[Doc]:
+        # A result larger than one reply (16 MB, or the server's first batch) is read on
+        # with getMore on the same connection until the server closes the cursor.
+        body["$db"] = self._database
         async with self._connection() as conn:
-            reply = await conn.command(
-                {
-                    "find": collection,
-                    "filter": query,
-                    "sort": sort,
-                    "limit": limit,
-                    "batchSize": limit,
-                    "singleBatch": True,
-                    "$db": self._database,
-                }
-            )
-        docs: list[Doc] = reply["cursor"]["firstBatch"]
+            cursor = (await conn.command(body))["cursor"]
+            docs: list[Doc] = cursor["firstBatch"]
+            while cursor["id"]:
+                more: Doc = {"getMore": cursor["id"], "collection": collection}
+                more["$db"] = self._database
+                cursor = (await conn.command(more))["cursor"]
+                docs.extend(cursor["nextBatch"])
         return docs
 
     def close(self) -> None:

@@ -3,7 +3,9 @@ before they expire (against a real MongoDB; the clock is a plain variable)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -11,9 +13,11 @@ from prometheus_client import CollectorRegistry
 from shared.codec import token_digest
 from shared.config import Settings
 from shared.metrics import WorkerMetrics
+from shared.wire import WireClient
 from tests.support import Seeder, mongo_store
 from worker import auth as auth_module
 from worker.auth import Authenticator, TTLCache
+from worker.store import Store
 
 TTL = 10.0
 
@@ -57,14 +61,24 @@ def test_eviction_forgets_use() -> None:
     assert sorted(cache.due(0.0, TTL)) == [str(n) for n in range(1, 10)]
 
 
-@pytest.fixture
-async def auth(settings: Settings, seed: Seeder) -> AsyncIterator[tuple[Authenticator, Clock]]:
+@pytest.fixture(params=["pymongo", "wire"])
+async def auth(
+    request: pytest.FixtureRequest, settings: Settings, seed: Seeder
+) -> AsyncIterator[tuple[Authenticator, Clock]]:
+    """An authenticator whose look-ups go through PyMongo, or over the lean connection
+    (MONGO_WIRE, the default)."""
     client, store = await mongo_store(settings)
+    wire = None
+    if request.param == "wire":
+        wire = WireClient(client, settings.mongo_url, settings.mongo_database)
+        store = Store(store.db, wire)
     clock = Clock()
     metrics = WorkerMetrics(CollectorRegistry())
     try:
         yield Authenticator(store, TTL, metrics, clock=clock), clock
     finally:
+        if wire is not None:
+            wire.close()
         await client.close()
 
 
@@ -177,3 +191,58 @@ async def test_look_ups_say_when_what_they_found_was_read_from_mongodb(
     await authenticator.identities_for([digest], tokens)
     await authenticator.members_of([chat], chats)
     assert tokens[digest] == chats[chat] == refreshed
+
+
+async def test_a_token_is_read_with_its_user_and_without_one_is_no_identity(
+    auth: tuple[Authenticator, Clock], seed: Seeder
+) -> None:
+    authenticator, _ = auth
+    user, token = await seed.user("Ann", avatar="https://example.com/a.png")
+    gone, orphan = await seed.user()
+    await seed.store.users.delete_one({"_id": gone})
+    digests = [token_digest(token), token_digest(orphan), token_digest("never issued")]
+    found = await authenticator.identities_for(digests)
+    identity = found[digests[0]]
+    assert identity is not None
+    assert (identity.user_id, identity.username, identity.avatar) == (
+        user,
+        "Ann",
+        "https://example.com/a.png",
+    )
+    assert found[digests[1]] is None and found[digests[2]] is None
+
+
+async def test_a_batch_missing_both_a_token_and_a_chat_looks_them_up_at_once(
+    auth: tuple[Authenticator, Clock], seed: Seeder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold batch waits for one look-up, not the token's and then the chat's: each
+    look-up here goes on only once the other has started, which never happens when
+    they run one after the other (in either order)."""
+    authenticator, _ = auth
+    store = authenticator.store
+    user, token = await seed.user()
+    chat = await seed.chat(user)
+    tokens_started, chats_started = asyncio.Event(), asyncio.Event()
+    read_tokens, read_chats = store.tokens_by_digest, store.chats_by_id
+
+    async def tokens_by_digest(digests: Iterable[str]) -> dict[str, Any]:
+        tokens_started.set()
+        await asyncio.wait_for(chats_started.wait(), 5)
+        return await read_tokens(digests)
+
+    async def chats_by_id(chat_ids: Iterable[str]) -> dict[str, Any]:
+        chats_started.set()
+        await asyncio.wait_for(tokens_started.wait(), 5)
+        return await read_chats(chat_ids)
+
+    monkeypatch.setattr(store, "tokens_by_digest", tokens_by_digest)
+    monkeypatch.setattr(store, "chats_by_id", chats_by_id)
+    digest = token_digest(token)
+    tokens: dict[str, float] = {}
+    chats: dict[str, float] = {}
+    identities, members = await authenticator.resolve([digest], [chat], tokens, chats)
+    identity = identities[digest]
+    assert identity is not None and identity.user_id == user
+    assert members == {chat: frozenset({user})}
+    assert tokens == {digest: 1000.0} and chats == {chat: 1000.0}
+    assert _count(authenticator, "miss") == 2 and _timed(authenticator) == 2

@@ -100,6 +100,43 @@ async def test_stored_and_read_as_pymongo_stores_and_reads(
             )
 
 
+async def test_look_ups_read_as_pymongo_reads_them(settings: Settings, cleanup: None) -> None:
+    """Tokens, users and chats by id, the same through both; a result longer than the
+    server's first reply (101 documents) is read to its end."""
+    async with _stores(settings.mongo_url, settings.mongo_database) as (plain, lean, wire):
+        n = 150
+        await plain.users.insert_many(
+            [
+                {"_id": f"u{i}", "username": f"User {i}", "avatar": None, "bio": "-"}
+                for i in range(n)
+            ]
+        )
+        await plain.tokens.insert_many([{"_id": f"t{i}", "user_id": f"u{i}"} for i in range(n)])
+        await plain.chats.insert_many(
+            [{"_id": f"c{i}", "title": "x", "member_ids": [f"u{i}", "u0"]} for i in range(n)]
+        )
+        digests = [f"t{i}" for i in range(n)] + ["unknown"]
+        tokens = await lean.tokens_by_digest(digests)
+        assert tokens == await plain.tokens_by_digest(digests)
+        assert len(tokens) == n and tokens["t7"] == {"_id": "t7", "user_id": "u7"}
+        user_ids = [f"u{i}" for i in range(n)] + ["unknown"]
+        users = await lean.users_by_id(user_ids)
+        assert users == await plain.users_by_id(user_ids)
+        assert len(users) == n and users["u7"] == {
+            "_id": "u7",
+            "username": "User 7",
+            "avatar": None,
+        }
+        chat_ids = [f"c{i}" for i in range(n)] + ["unknown"]
+        chats = await lean.chats_by_id(chat_ids)
+        assert chats == await plain.chats_by_id(chat_ids)
+        assert len(chats) == n and chats["c3"] == {"_id": "c3", "member_ids": ["u3", "u0"]}
+        everyone = await wire.find("users", {}, sort={"_id": 1})
+        assert everyone == await plain.users.find({}).sort("_id", 1).to_list()
+        assert len(everyone) == n
+        assert await wire.aggregate("users", [{"$count": "n"}]) == [{"n": n}]
+
+
 async def test_duplicates_fail_as_insert_many_fails(settings: Settings, cleanup: None) -> None:
     async with _stores(settings.mongo_url, settings.mongo_database) as (plain, lean, _):
         await plain.ensure_indexes()

@@ -189,8 +189,9 @@ class Processor:
         # a MongoDB operation, and timing one put ~0 s samples in that histogram.
         token_read: dict[str, float] = {}
         chat_read: dict[str, float] = {}
-        identities = await self.auth.identities_for(digests, token_read)
-        members = await self.auth.members_of({i.entry.chat_id for i in items}, chat_read)
+        identities, members = await self.auth.resolve(
+            digests, {i.entry.chat_id for i in items}, token_read, chat_read
+        )
         now = self.clock()
         segment: list[tuple[Item, Identity]] = []
         # Consecutive history reads see the same data: they run concurrently, each in

@@ -30,9 +30,9 @@ CLIENT_KEY_INDEX = "client_msg_unique"
 class Store:
     """The chat's collections in one database.
 
-    With a :class:`~shared.wire.WireClient`, the two calls made per batch (inserting
-    messages, reading a page) go over its lean connection; everything else, and both of
-    those without one, through PyMongo.
+    With a :class:`~shared.wire.WireClient`, the calls a batch makes (inserting messages,
+    reading a page, looking up tokens and chats not in the worker's cache) go over its
+    lean connection; everything else, and all of those without one, through PyMongo.
     """
 
     def __init__(self, db: AsyncDatabase[Doc], wire: WireClient | None = None) -> None:
@@ -75,25 +75,30 @@ class Store:
 
     async def tokens_by_digest(self, digests: Iterable[str]) -> dict[str, Doc]:
         """Token documents by digest (only those that exist)."""
-        wanted = list(digests)
-        if not wanted:
-            return {}
-        return {doc["_id"]: doc async for doc in self.tokens.find({"_id": {"$in": wanted}})}
+        return await self._by_ids(self.tokens, digests)
 
     async def users_by_id(self, user_ids: Iterable[str]) -> dict[str, Doc]:
-        """User documents by id."""
-        wanted = list(user_ids)
-        if not wanted:
-            return {}
-        return {doc["_id"]: doc async for doc in self.users.find({"_id": {"$in": wanted}})}
+        """User documents by id (``username`` and ``avatar`` only)."""
+        return await self._by_ids(self.users, user_ids, {"username": 1, "avatar": 1})
 
     async def chats_by_id(self, chat_ids: Iterable[str]) -> dict[str, Doc]:
-        """Chat documents by id (member_ids only)."""
-        wanted = list(chat_ids)
+        """Chat documents by id (``member_ids`` only)."""
+        return await self._by_ids(self.chats, chat_ids, {"member_ids": 1})
+
+    async def _by_ids(
+        self, collection: AsyncCollection[Doc], ids: Iterable[str], projection: Doc | None = None
+    ) -> dict[str, Doc]:
+        wanted = list(ids)
         if not wanted:
             return {}
-        cursor = self.chats.find({"_id": {"$in": wanted}}, {"member_ids": 1})
-        return {doc["_id"]: doc async for doc in cursor}
+        query: Doc = {"_id": {"$in": wanted}}
+        if self.wire is not None:
+            found = await self.wire.find(
+                collection.name, query, limit=len(wanted), projection=projection
+            )
+        else:
+            found = await collection.find(query, projection).to_list()
+        return {doc["_id"]: doc for doc in found}
 
     # -- messages ----------------------------------------------------------------
 
