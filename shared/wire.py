@@ -1,13 +1,13 @@
-"""A lean MongoDB connection for the hot path: ``insert``, ``find``, ``aggregate`` on OP_MSG.
+"""A lean MongoDB connection for the worker's hot path: ``insert`` and ``find`` on raw OP_MSG.
 
 PyMongo's asynchronous client costs ~220-360 us of client CPU per call, most of it
 whatever the call carries (docs/benchmarks.md, ninth round): it wraps every reply in two tasks and an
 ``asyncio.wait`` and every send in a ``wait_for``, and runs its session, retry and
 monitoring machinery around each command. The worker makes one such call per batch of
-sends (``insert``), one per page read (``find``) and, for a batch with a token or chat
-not in its cache, one or two look-ups (``aggregate``, ``find``), so that fixed cost is a
-large share of a batch. These connections encode a command with ``bson``'s C encoder, write it, and
-match the reply by its request id, for ~90-170 us a call.
+sends (``insert``), one per page read and, for a batch with a token or chat not in its
+cache, two or three look-ups (``find``), so that fixed cost is a large share of a batch.
+These connections encode a command with ``bson``'s C encoder, write it, and match the
+reply by its request id, for ~90-170 us a call.
 
 It is deliberately small, and used only where it is sure to behave like PyMongo:
 
@@ -398,7 +398,7 @@ class Credentials:
 
 
 class WireClient:
-    """``insert``, ``find`` and ``aggregate`` on the server PyMongo's client writes to, over lean
+    """``insert`` and ``find`` on the server PyMongo's client writes to, over lean
     connections opened as calls need them and opened again after a failure."""
 
     def __init__(self, client: AsyncMongoClient[Doc], url: str, database: str) -> None:
@@ -540,26 +540,17 @@ class WireClient:
         projection: Doc | None = None,
     ) -> list[Doc]:
         """The documents matching ``query``, in ``sort`` order and at most ``limit`` when
-        it is above 0, read from the primary: in one reply when ``limit`` fits in one."""
-        body: Doc = {"find": collection, "filter": query}
+        it is above 0, read from the primary: in one reply when they fit in one (16 MB)."""
+        body: Doc = {"find": collection, "filter": query, "$db": self._database}
         if sort is not None:
             body["sort"] = sort
         if projection is not None:
             body["projection"] = projection
         if limit > 0:
             body["limit"] = limit
-            body["batchSize"] = limit
-        return await self._cursor(collection, body)
-
-    async def aggregate(self, collection: str, pipeline: list[Doc]) -> list[Doc]:
-        """Every document ``pipeline`` on ``collection`` gives, read from the primary."""
-        body: Doc = {"aggregate": collection, "pipeline": pipeline, "cursor": {}}
-        return await self._cursor(collection, body)
-
-    async def _cursor(self, collection: str, body: Doc) -> list[Doc]:
-        # A result larger than one reply (16 MB, or the server's first batch) is read on
-        # with getMore on the same connection until the server closes the cursor.
-        body["$db"] = self._database
+            # One more than the limit: given a batch of exactly ``limit``, a sort done in
+            # memory leaves the cursor open, and closing it costs a getMore round trip.
+            body["batchSize"] = limit + 1
         async with self._connection() as conn:
             cursor = (await conn.command(body))["cursor"]
             docs: list[Doc] = cursor["firstBatch"]

@@ -70,6 +70,11 @@ async def _stores(url: str, database: str) -> AsyncIterator[tuple[Store, Store, 
         await client.close()
 
 
+async def _getmores(store: Store) -> int:
+    """getMore commands the server has run so far."""
+    return int((await store.db.command("serverStatus"))["opcounters"]["getmore"])
+
+
 async def test_stored_and_read_as_pymongo_stores_and_reads(
     settings: Settings, cleanup: None
 ) -> None:
@@ -86,7 +91,10 @@ async def test_stored_and_read_as_pymongo_stores_and_reads(
             {"limit": 200, "after": 0},
             {"limit": 5, "before": 1},
         ):
+            before = await _getmores(plain)
             page = await lean.history("c1", **query)
+            # A page is one round trip, full (50 of 120) or not.
+            assert await _getmores(plain) == before, query
             assert page == await plain.history("c1", **query), query
         assert [d["seq"] for d in await lean.history("c1", limit=3, before=40)] == [37, 38, 39]
         assert await lean.history("nobody", limit=50) == []
@@ -101,8 +109,8 @@ async def test_stored_and_read_as_pymongo_stores_and_reads(
 
 
 async def test_look_ups_read_as_pymongo_reads_them(settings: Settings, cleanup: None) -> None:
-    """Tokens, users and chats by id, the same through both; a result longer than the
-    server's first reply (101 documents) is read to its end."""
+    """Tokens, users and chats by id, the same through both and in one round trip; a
+    result longer than the server's first reply (101 documents) is read to its end."""
     async with _stores(settings.mongo_url, settings.mongo_database) as (plain, lean, wire):
         n = 150
         await plain.users.insert_many(
@@ -116,10 +124,16 @@ async def test_look_ups_read_as_pymongo_reads_them(settings: Settings, cleanup: 
             [{"_id": f"c{i}", "title": "x", "member_ids": [f"u{i}", "u0"]} for i in range(n)]
         )
         digests = [f"t{i}" for i in range(n)] + ["unknown"]
+        before = await _getmores(plain)
         tokens = await lean.tokens_by_digest(digests)
+        assert await _getmores(plain) == before  # a look-up is one round trip
         assert tokens == await plain.tokens_by_digest(digests)
         assert len(tokens) == n and tokens["t7"] == {"_id": "t7", "user_id": "u7"}
-        user_ids = [f"u{i}" for i in range(n)] + ["unknown"]
+        user_ids = [f"u{i}" for i in range(n)]
+        before = await _getmores(plain)
+        users = await lean.users_by_id(user_ids)  # every one found: the limit exactly
+        assert await _getmores(plain) == before
+        user_ids.append("unknown")
         users = await lean.users_by_id(user_ids)
         assert users == await plain.users_by_id(user_ids)
         assert len(users) == n and users["u7"] == {
@@ -131,10 +145,13 @@ async def test_look_ups_read_as_pymongo_reads_them(settings: Settings, cleanup: 
         chats = await lean.chats_by_id(chat_ids)
         assert chats == await plain.chats_by_id(chat_ids)
         assert len(chats) == n and chats["c3"] == {"_id": "c3", "member_ids": ["u3", "u0"]}
+        before = await _getmores(plain)
+        by_name = await wire.find("users", {}, sort={"username": -1}, limit=n)  # no index
+        assert await _getmores(plain) == before and len(by_name) == n
         everyone = await wire.find("users", {}, sort={"_id": 1})
+        assert await _getmores(plain) > before  # past the server's first batch
         assert everyone == await plain.users.find({}).sort("_id", 1).to_list()
         assert len(everyone) == n
-        assert await wire.aggregate("users", [{"$count": "n"}]) == [{"n": n}]
 
 
 async def test_duplicates_fail_as_insert_many_fails(settings: Settings, cleanup: None) -> None:
