@@ -1083,8 +1083,7 @@ def run_target(
                 step = run_step(
                     target, step_scenario, tag, args, label, report_dir / "steps" / f"{name}-{tag}"
                 )
-                # An integrity failure counts, disturbed or not.
-                if not step["disturbed"] or attempt == args.retry_disturbed or not step["passed"]:
+                if attempt == args.retry_disturbed or not should_repeat(step):
                     break
                 say(f"{label}: disturbed by other processes, repeating the step")
                 _print_step(step)
@@ -1324,6 +1323,14 @@ def choose_targets(args: argparse.Namespace) -> list[str]:
         return names
     names = ["ours"] + (list(PEERS) if args.peers else [])
     return names
+
+
+def should_repeat(step: dict[str, Any]) -> bool:
+    """Whether a step is run again (up to ``--retry-disturbed`` times): when other
+    processes disturbed its window, but not when it failed its integrity checks (that
+    counts, disturbed or not), nor when a worker was killed in it (the stack has a
+    worker fewer now, and no goal is judged on such a run anyway)."""
+    return bool(step["disturbed"]) and bool(step["passed"]) and step["fault"] is None
 
 
 def main(argv: list[str] | None = None) -> int:

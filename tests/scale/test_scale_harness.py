@@ -364,6 +364,16 @@ def test_a_worker_kill_the_run_cannot_show_is_refused(options: list[str]) -> Non
         harness.main(options)
 
 
+def test_only_a_disturbed_step_that_passed_and_killed_no_worker_is_run_again() -> None:
+    clean = {"disturbed": False, "passed": True, "fault": None}
+    assert not harness.should_repeat(clean)
+    assert harness.should_repeat(clean | {"disturbed": True})
+    # Its integrity failure stands; and a second run would kill the last worker.
+    assert not harness.should_repeat(clean | {"disturbed": True, "passed": False})
+    killed = {"killed": "worker-0", "at_s": 1.0}
+    assert not harness.should_repeat(clean | {"disturbed": True, "fault": killed})
+
+
 def test_harness_end_to_end_on_the_chain_floor(tmp_path: Path) -> None:
     """ours' hops without its features: its own Redis, MongoDB, gateways and worker;
     every send stored once (checked in its MongoDB), acknowledged and delivered."""
