@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from pymongo.errors import AutoReconnect
 
 from shared.codec import token_digest
 from shared.config import Settings
@@ -246,3 +247,37 @@ async def test_a_batch_missing_both_a_token_and_a_chat_looks_them_up_at_once(
     assert members == {chat: frozenset({user})}
     assert tokens == {digest: 1000.0} and chats == {chat: 1000.0}
     assert _count(authenticator, "miss") == 2 and _timed(authenticator) == 2
+
+
+async def test_a_failed_look_up_fails_the_batch_after_both_have_ended(
+    auth: tuple[Authenticator, Clock], seed: Seeder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the chat's look-up fails beside the token's, resolve raises that failure (the
+    worker retries the batch) only once the token's look-up has ended too: nothing is
+    left running behind the batch. What was read is kept."""
+    authenticator, _ = auth
+    store = authenticator.store
+    user, token = await seed.user()
+    chat = await seed.chat(user)
+    read_tokens = store.tokens_by_digest
+    ended: list[str] = []
+
+    async def tokens_by_digest(digests: Iterable[str]) -> dict[str, Any]:
+        await asyncio.sleep(0.05)  # still running when the chats' look-up fails
+        found = await read_tokens(digests)
+        ended.append("tokens")
+        return found
+
+    async def chats_by_id(chat_ids: Iterable[str]) -> dict[str, Any]:
+        raise AutoReconnect("MongoDB went away")
+
+    monkeypatch.setattr(store, "tokens_by_digest", tokens_by_digest)
+    monkeypatch.setattr(store, "chats_by_id", chats_by_id)
+    digest = token_digest(token)
+    with pytest.raises(AutoReconnect):
+        await authenticator.resolve([digest], [chat])
+    assert ended == ["tokens"]
+    monkeypatch.undo()
+    identities, members = await authenticator.resolve([digest], [chat])
+    assert _count(authenticator, "hit") == 1  # the token, read by the failed batch
+    assert members == {chat: frozenset({user})} and identities[digest] is not None
