@@ -246,9 +246,15 @@ class Authenticator:
         members, chats_missing = self._found(self.members, chat_ids, now, chat_read)
         loads = []
         if tokens_missing:
-            load = self._load_identities
             loads.append(
-                self._load(self.identities, tokens_missing, load, identities, now, token_read)
+                self._load(
+                    self.identities,
+                    tokens_missing,
+                    self._load_identities,
+                    identities,
+                    now,
+                    token_read,
+                )
             )
         if chats_missing:
             loads.append(
