@@ -121,7 +121,20 @@ class HistoryReader:
 
     async def by_ids(self, ids: list[str]) -> list[Doc]:
         """The stored messages among ``ids`` (event ids, the messages' ``_id``)."""
-        query: Doc = {"_id": {"$in": ids}}
-        if self.wire is not None:
-            return await self.wire.find(self.messages.name, query, sort={"_id": 1}, limit=len(ids))
-        return await self.messages.find(query).to_list()
+        return await find_by_ids(self.messages, ids, self.wire)
+
+
+async def find_by_ids(
+    collection: AsyncCollection[Doc],
+    ids: list[str],
+    wire: WireClient | None,
+    projection: Doc | None = None,
+) -> list[Doc]:
+    """The documents of ``collection`` among ``ids`` (their ``_id``), in ``_id`` order,
+    over the lean connection when there is one, else through PyMongo."""
+    query: Doc = {"_id": {"$in": ids}}
+    if wire is not None:
+        return await wire.find(
+            collection.name, query, sort={"_id": 1}, limit=len(ids), projection=projection
+        )
+    return await collection.find(query, projection).sort("_id", ASCENDING).to_list()

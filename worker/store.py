@@ -18,7 +18,7 @@ from pymongo import ASCENDING, IndexModel, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
-from shared.mongo import HistoryReader
+from shared.mongo import HistoryReader, find_by_ids
 from shared.wire import Doc, WireClient
 
 # Unique per chat: a stale partition owner that reuses a sequence id fails to insert.
@@ -91,13 +91,7 @@ class Store:
         wanted = list(ids)
         if not wanted:
             return {}
-        query: Doc = {"_id": {"$in": wanted}}
-        if self.wire is not None:
-            found = await self.wire.find(
-                collection.name, query, limit=len(wanted), projection=projection
-            )
-        else:
-            found = await collection.find(query, projection).to_list()
+        found = await find_by_ids(collection, wanted, self.wire, projection)
         return {doc["_id"]: doc for doc in found}
 
     # -- messages ----------------------------------------------------------------
