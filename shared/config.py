@@ -74,6 +74,7 @@ class Settings:
     worker_batch: int = 500
     worker_block_ms: int = 200
     auth_cache_ttl: float = 5.0
+    auth_cache_keep: float = 60.0
     stream_maxlen: int = 1_000_000
     retry_backoff_max: float = 2.0
     mongo_wire: bool = True
@@ -119,6 +120,10 @@ class Settings:
             raise ConfigError("timeouts must be positive")
         if self.send_queue_max_messages < 1 or self.send_queue_max_bytes < 1:
             raise ConfigError("send queue bounds must be positive")
+        if self.auth_cache_ttl <= 0 or self.auth_cache_keep < 0:
+            raise ConfigError(
+                "AUTH_CACHE_TTL_SECONDS must be positive, AUTH_CACHE_KEEP_SECONDS not negative"
+            )
         if self.worker_batch < 1 or self.xadd_batch < 1:
             raise ConfigError("batch sizes must be positive")
         if self.drain_timeout < 0 or self.drain_batch_size < 1 or self.drain_batch_interval < 0:
@@ -181,6 +186,7 @@ _ENV_NAMES: dict[str, str] = {
     "worker_batch": "WORKER_BATCH_SIZE",
     "worker_block_ms": "WORKER_BLOCK_MS",
     "auth_cache_ttl": "AUTH_CACHE_TTL_SECONDS",
+    "auth_cache_keep": "AUTH_CACHE_KEEP_SECONDS",
     "stream_maxlen": "STREAM_MAXLEN",
     "retry_backoff_max": "RETRY_BACKOFF_MAX_SECONDS",
     "mongo_wire": "MONGO_WIRE",

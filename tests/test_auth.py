@@ -62,6 +62,28 @@ def test_eviction_forgets_use() -> None:
     assert sorted(cache.due(0.0, TTL)) == [str(n) for n in range(1, 10)]
 
 
+def test_due_keeps_values_found_within_keep_and_drops_what_expired() -> None:
+    cache: TTLCache[str] = TTLCache(ttl=TTL, max_entries=100)
+    for key in ("value", "idle", "absent"):
+        cache.put(key, None if key == "absent" else key, now=0.0)
+    assert cache.get("value", 1.0) == (True, "value")
+    assert cache.get("absent", 1.0) == (True, None)
+    assert sorted(cache.due(6.0, 5.0, keep=60.0)) == ["absent", "value"]
+    cache.put("value", "value", now=6.0)
+    cache.put("absent", None, now=6.0)
+    # Not found since the last call, yet due: a value found within ``keep`` stays warm;
+    # an absence does not (a flood of wrong tokens is not read again and again).
+    assert cache.due(12.0, 5.0, keep=60.0) == ["value"]
+    # "idle" (never found) expired at 10 and was dropped on the way: not found at 9
+    # either, so its memory went with it.
+    assert cache.get("idle", 9.0) == (False, None)
+    cache.put("value", "value", now=66.0)
+    # Last found at 1: more than ``keep`` ago, so it is left to expire.
+    assert cache.due(72.0, 5.0, keep=60.0) == []
+    assert cache.due(77.0, 5.0, keep=60.0) == []
+    assert cache.get("value", 75.0) == (False, None)
+
+
 @pytest.fixture(params=["pymongo", "wire"])
 async def auth(
     request: pytest.FixtureRequest, settings: Settings, seed: Seeder
@@ -112,8 +134,10 @@ async def test_refresh_keeps_entries_in_use_from_expiring(
     assert (await authenticator.members_of([chat]))[chat] == frozenset({user})
     assert _count(authenticator, "miss") == 3
     assert _timed(authenticator) == 2  # one look-up of the two tokens, one of the chat
+    clock.now += 0.25 * TTL
+    assert await authenticator.refresh(within=TTL / 2) == 0  # a round: none expires soon
 
-    clock.now += 0.6 * TTL  # in the refresh window; only the token and chat are used
+    clock.now += 0.35 * TTL  # in the refresh window; only the token and chat are used
     await authenticator.identities_for([digest])
     await authenticator.members_of([chat])
     assert _timed(authenticator) == 2  # cache hits read nothing, so time nothing
@@ -125,7 +149,8 @@ async def test_refresh_keeps_entries_in_use_from_expiring(
     assert _timed(authenticator) == 4  # the refresher's two look-ups
 
     # Past the first load's expiry: the entries in use are found without a MongoDB
-    # read, and they say what the store says now; the unused one expired.
+    # read, and they say what the store says now; the one unused since a round expired
+    # (``keep`` is 0 here).
     clock.now += 0.5 * TTL
     assert (await authenticator.identities_for([digest]))[digest] is None
     assert (await authenticator.members_of([chat]))[chat] == frozenset()
@@ -281,3 +306,41 @@ async def test_a_failed_look_up_fails_the_batch_after_both_have_ended(
     identities, members = await authenticator.resolve([digest], [chat])
     assert _count(authenticator, "hit") == 1  # the token, read by the failed batch
     assert members == {chat: frozenset({user})} and identities[digest] is not None
+
+
+async def test_a_token_used_now_and_then_stays_cached_and_current(
+    auth: tuple[Authenticator, Clock], seed: Seeder
+) -> None:
+    """A user who sends less often than the TTL (most users) finds their token and chat
+    cached, read again by the refresher within every TTL, until ``keep`` has passed
+    since they were last used."""
+    warm, clock = auth
+    authenticator = Authenticator(warm.store, TTL, warm.metrics, clock=clock, keep=6 * TTL)
+    user, token = await seed.user()
+    chat = await seed.chat(user)
+    digest = token_digest(token)
+    used = clock.now
+    await authenticator.resolve([digest], [chat])
+    assert _count(authenticator, "miss") == 2
+    within = auth_module.REFRESH_WITHIN * TTL
+    refreshed = 0
+    while clock.now < used + 2 * TTL:  # rounds every quarter TTL, as run_refresh makes them
+        clock.now += TTL / 4
+        refreshed += await authenticator.refresh(within)
+    assert refreshed == 4  # each entry every three quarters of a TTL
+    # The store changes: the refresher has read the change, the cache is current.
+    await seed.store.chats.update_one({"_id": chat}, {"$pull": {"member_ids": user}})
+    clock.now += TTL / 4
+    await authenticator.refresh(within)
+    clock.now += TTL / 4
+    await authenticator.refresh(within)
+    identities, members = await authenticator.resolve([digest], [chat])
+    assert identities[digest] is not None and members[chat] == frozenset()
+    assert _count(authenticator, "miss") == 2
+    # Used again at 2.5 TTL: kept until 8.5 TTL, and then left to expire.
+    used = clock.now
+    while clock.now < used + 8 * TTL:
+        clock.now += TTL / 4
+        await authenticator.refresh(within)
+    await authenticator.resolve([digest], [chat])
+    assert _count(authenticator, "miss") == 4

@@ -42,6 +42,8 @@ def test_bad_values_are_refused_with_the_variable_name() -> None:
         Settings.from_env({"GATEWAY_PORT": "http"})
     with pytest.raises(ConfigError, match="PARTITIONS"):
         Settings.from_env({"PARTITIONS": "0"})
+    with pytest.raises(ConfigError, match="AUTH_CACHE_KEEP_SECONDS"):
+        Settings.from_env({"AUTH_CACHE_KEEP_SECONDS": "-1"})
     assert Settings.from_env({"WEBSOCKET_COMPRESSION": "yes"}).websocket_compression is True
     assert Settings.from_env({"MONGO_URL": "mongodb://h:1/other"}).mongo_database == "other"
 

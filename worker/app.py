@@ -124,7 +124,7 @@ async def _consumer_ctx(app: web.Application) -> AsyncIterator[None]:
         redis_url=settings.redis_url,
     )
     counters = Counters(store)
-    auth = Authenticator(store, settings.auth_cache_ttl, metrics)
+    auth = Authenticator(store, settings.auth_cache_ttl, metrics, keep=settings.auth_cache_keep)
     processor = Processor(store, auth, counters, metrics)
     consumer = _ConsumerCountingReconnects(
         reconnects.labels(REDIS_COMPONENT_STREAMS).inc,

@@ -9,8 +9,13 @@ re-reads a chat's members when one is added.
 Entries in use are read again before they expire (:meth:`Authenticator.run_refresh`),
 in bulk and off the batch path: without it every hot token and chat expires once per
 TTL inside some batch, which then waits for an extra MongoDB round trip (at 3,000
-sends/s over 1,000 users, 240 misses a second, in a third of all batches). A batch that
-does miss looks its tokens (then their users) and its chats up at once.
+sends/s over 1,000 users, 240 misses a second, in a third of all batches). "In use"
+reaches back ``keep`` seconds (AUTH_CACHE_KEEP_SECONDS), longer than the TTL: a user who
+sends every few seconds or minutes would otherwise find their token expired at almost
+every send, and each such batch pays one or two look-ups of ~0.2 ms of MongoDB's CPU
+each, where the refresher reads the same token in a query of up to 1,000 at ~6 us a key.
+The TTL still bounds how old a decision is. A batch that does miss looks its tokens
+(then their users) and its chats up at once.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ V = TypeVar("V")
 
 # Keys read again per query by the refresher.
 REFRESH_SLICE = 1000
+# The refresher reads what expires within this share of the TTL, every quarter TTL: a
+# key is read in the last round before it would expire, with 0.05 TTL to spare for
+# rounds that run late.
+REFRESH_WITHIN = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,15 +65,18 @@ class Identity:
 class TTLCache(Generic[V]):
     """A dict with per-entry expiry and a size bound (oldest entries go first).
 
-    It also remembers which keys were found since :meth:`due` was last called, so that
-    the ones still in use can be read again before they expire.
+    It also remembers when each key was last found, so that the ones still in use can be
+    read again before they expire (:meth:`due`).
     """
 
     def __init__(self, ttl: float, max_entries: int) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
+        # Insertion order is (near enough) expiry order: ``put`` re-inserts at the end
+        # and every entry lives ``ttl``. :meth:`due` relies on it to read only the front.
         self._data: dict[str, tuple[float, V | None]] = {}
-        self._used: set[str] = set()  # bounded by _data: only keys found in it
+        self._used: dict[str, float] = {}  # key -> last found; only keys in _data
+        self._last_due = float("-inf")  # when due() was last called
 
     def get(self, key: str, now: float) -> tuple[bool, V | None]:
         """(found, value); an expired entry is not found."""
@@ -73,11 +85,11 @@ class TTLCache(Generic[V]):
 
     def entry(self, key: str, now: float) -> tuple[float, V | None] | None:
         """(when it was read from the source, value), or None when absent or expired. A
-        found key counts as used (see :meth:`due`)."""
+        found key counts as used at ``now`` (see :meth:`due`)."""
         hit = self._data.get(key)
         if hit is None or hit[0] < now:
             return None
-        self._used.add(key)
+        self._used[key] = now
         return hit[0] - self.ttl, hit[1]
 
     def put(self, key: str, value: V | None, now: float) -> None:
@@ -88,34 +100,57 @@ class TTLCache(Generic[V]):
             # Drop the oldest tenth at once rather than one entry per insert.
             for stale in list(self._data)[: max(1, self.max_entries // 10)]:
                 del self._data[stale]
-                self._used.discard(stale)
+                self._used.pop(stale, None)
         self._data[key] = (now + self.ttl, value)
 
-    def fill(self, keys: Iterable[str], loaded: Mapping[str, V], now: float) -> dict[str, V | None]:
+    def fill(
+        self, keys: Iterable[str], loaded: Mapping[str, V], now: float, *, used: bool = False
+    ) -> dict[str, V | None]:
         """Store what was read for ``keys`` at or after ``now``; a key absent from
-        ``loaded`` is cached as absent. Returns the stored values."""
+        ``loaded`` is cached as absent. ``used``: they were read because they were asked
+        for (a miss), which counts as found at ``now`` (a refresh does not). Returns the
+        stored values."""
         values: dict[str, V | None] = {}
         for key in keys:
             values[key] = value = loaded.get(key)
             self.put(key, value, now)
+            if used:
+                self._used[key] = now
         return values
 
-    def due(self, now: float, within: float) -> list[str]:
-        """Keys found since the last call that expire within ``within`` seconds (and have
-        not yet); forgets which keys were found. Keys nobody asked for meanwhile are
-        left to expire."""
-        due = []
-        for key in self._used:
-            hit = self._data.get(key)
-            if hit is not None and now <= hit[0] <= now + within:
+    def due(self, now: float, within: float, keep: float = 0.0) -> list[str]:
+        """Keys that expire within ``within`` seconds (and have not yet) and are still in
+        use: a value found in the last ``keep`` seconds, or found since the last call.
+        An absence counts as in use only by the second rule, so a flood of wrong tokens
+        is not kept warm. Expired entries met on the way are dropped.
+
+        Only the front of the cache is read (up to the first entry not due), so a call
+        costs what it returns and what it drops, not the cache's size.
+        """
+        since, self._last_due = self._last_due, now
+        horizon = min(now - keep, since)
+        limit = now + within
+        due: list[str] = []
+        expired: list[str] = []
+        used = self._used
+        for key, (expires, value) in self._data.items():
+            if expires > limit:
+                break
+            if expires < now:
+                expired.append(key)
+                continue
+            last = used.get(key)
+            if last is not None and last >= (horizon if value is not None else since):
                 due.append(key)
-        self._used.clear()
+        for key in expired:
+            del self._data[key]
+            used.pop(key, None)
         return due
 
     def drop(self, key: str) -> None:
         """Forget one entry: the next look-up reads it from the source."""
         self._data.pop(key, None)
-        self._used.discard(key)
+        self._used.pop(key, None)
 
     def clear(self) -> None:
         """Forget everything."""
@@ -133,22 +168,25 @@ class Authenticator:
         metrics: WorkerMetrics,
         max_entries: int = 200_000,
         clock: Callable[[], float] = time.monotonic,
+        keep: float = 0.0,
     ) -> None:
         self.store = store
         self.ttl = ttl
+        self.keep = keep
         self.metrics = metrics
         self.clock = clock
         self.identities: TTLCache[Identity] = TTLCache(ttl, max_entries)
         self.members: TTLCache[frozenset[str]] = TTLCache(ttl, max_entries)
 
     async def run_refresh(self) -> None:
-        """Every quarter TTL, read again the entries in use that expire within half a
-        TTL, until cancelled: a key in steady use is never missed inside a batch. A failed
-        round is retried sooner, with a bounded backoff; meanwhile nothing is lost: the
-        entries expire and batches load them as misses."""
+        """Every quarter TTL, read again the entries in use that expire within 0.3 TTL,
+        until cancelled: a key found in the last ``keep`` seconds is never missed inside a
+        batch, and is read about every three quarters of a TTL (the round before the one
+        it would miss). A failed round is retried sooner, with a bounded backoff;
+        meanwhile nothing is lost: the entries expire and batches load them as misses."""
         await run_every(
             self.ttl / 4,
-            lambda: self.refresh(within=self.ttl / 2),
+            lambda: self.refresh(within=REFRESH_WITHIN * self.ttl),
             log,
             "auth cache refresh failed",
             base=0.05,
@@ -196,11 +234,11 @@ class Authenticator:
             await backoff.sleep()
 
     async def refresh(self, within: float) -> int:
-        """Read again the entries in use that expire within ``within`` seconds; returns
-        how many were read."""
+        """Read again the entries in use (see :meth:`TTLCache.due`) that expire within
+        ``within`` seconds; returns how many were read."""
         now = self.clock()
-        tokens = self.identities.due(now, within)
-        chats = self.members.due(now, within)
+        tokens = self.identities.due(now, within, self.keep)
+        chats = self.members.due(now, within, self.keep)
         await self._reload(self.identities, tokens, self._load_identities, now)
         await self._reload(self.members, chats, self._load_members, now)
         return len(tokens) + len(chats)
@@ -303,7 +341,8 @@ class Authenticator:
     ) -> None:
         """Read ``missing`` from MongoDB into ``cache`` and ``found``."""
         self.metrics.auth_result("miss").inc(len(missing))
-        found.update(cache.fill(missing, await self.metrics.mongo_call("auth", load(missing)), now))
+        loaded = await self.metrics.mongo_call("auth", load(missing))
+        found.update(cache.fill(missing, loaded, now, used=True))
         if read_at is not None:
             # Read after ``now``: counting from it errs towards older, never younger.
             read_at.update(dict.fromkeys(missing, now))
