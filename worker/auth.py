@@ -12,8 +12,9 @@ TTL inside some batch, which then waits for an extra MongoDB round trip (at 3,00
 sends/s over 1,000 users, 240 misses a second, in a third of all batches). "In use"
 reaches back ``keep`` seconds (AUTH_CACHE_KEEP_SECONDS), longer than the TTL: a user who
 sends every few seconds or minutes would otherwise find their token expired at almost
-every send, and each such batch pays one or two look-ups of ~0.2 ms of MongoDB's CPU
-each, where the refresher reads the same token in a query of up to 1,000 at ~6 us a key.
+every send, and each such batch waits for its look-ups (on the 2-core benchmark machine
+~0.7-1 ms of the servers' CPU a send at 30 sends/s), where the refresher reads the same
+token in a query of up to 1,000 keys at <= 5 us a key (docs/benchmarks.md, 8 Dec).
 The TTL still bounds how old a decision is. A batch that does miss looks its tokens
 (then their users) and its chats up at once.
 """
