@@ -41,20 +41,27 @@ async def run_every(
     failed: str,
     *,
     base: float = 0.5,
+    from_start: bool = False,
 ) -> None:
     """Await ``job()`` every ``interval`` s until cancelled.
+
+    The interval is counted from the end of each run, or with ``from_start`` from its
+    start, so that runs keep to a schedule however long each one takes (one that takes
+    longer than ``interval`` is followed at once by the next).
 
     A failure is logged as a warning (``failed``, with the error) and the job is tried
     again sooner: after a backoff from ``base`` up to ``interval``, reset by a success.
     """
+    loop = asyncio.get_running_loop()
     backoff = Backoff(base=base, cap=interval)
     delay = interval
     while True:
         await asyncio.sleep(delay)
+        started = loop.time()
         try:
             await job()
             backoff.reset()
-            delay = interval
+            delay = max(0.0, interval - (loop.time() - started)) if from_start else interval
         except asyncio.CancelledError:
             raise
         except Exception as exc:

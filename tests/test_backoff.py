@@ -4,6 +4,7 @@ tests: the job here is a plain coroutine, nothing talks to Redis or MongoDB)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 
@@ -48,3 +49,39 @@ async def test_run_every_retries_a_failed_job_sooner_and_keeps_going(
     failures = [r for r in caplog.records if r.getMessage() == "job failed"]
     assert len(failures) == 2
     assert all("down for now" in str(getattr(r, "error", "")) for r in failures)
+
+
+@pytest.mark.parametrize("from_start", [False, True])
+async def test_run_every_counts_the_interval_from_each_runs_end_or_its_start(
+    from_start: bool,
+) -> None:
+    """A job that takes 0.8 of the interval runs every 1.8 intervals, or on a schedule
+    of one interval with ``from_start``."""
+    interval = 0.5
+    starts: list[float] = []
+    third = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def job() -> None:
+        starts.append(loop.time())
+        if len(starts) == 3:
+            third.set()
+        await asyncio.sleep(0.8 * interval)
+
+    task = asyncio.create_task(
+        run_every(
+            interval, job, logging.getLogger("tests.backoff"), "failed", from_start=from_start
+        )
+    )
+    try:
+        await asyncio.wait_for(third.wait(), 10)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    if from_start:
+        # Sleeping never ends early; the margin is for a loop that wakes late.
+        assert all(interval <= gap < 1.5 * interval for gap in gaps), gaps
+    else:
+        assert all(gap >= 1.8 * interval for gap in gaps), gaps

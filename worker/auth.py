@@ -43,9 +43,9 @@ V = TypeVar("V")
 
 # Keys read again per query by the refresher.
 REFRESH_SLICE = 1000
-# The refresher reads what expires within this share of the TTL, every quarter TTL: a
-# key is read in the last round before it would expire, with 0.05 TTL to spare for
-# rounds that run late.
+# The refresher reads what expires within this share of the TTL, every quarter TTL (on
+# a schedule): a key is read in the last round before it would expire, with 0.05 TTL to
+# spare for a round that starts late, and the rest of the quarter for its reads.
 REFRESH_WITHIN = 0.3
 
 
@@ -191,6 +191,9 @@ class Authenticator:
             log,
             "auth cache refresh failed",
             base=0.05,
+            # On a schedule: rounds that drift later by their own length could miss the
+            # last one before an entry expires once they take long (many keys kept).
+            from_start=True,
         )
 
     def forget(self, message: ControlMessage) -> None:
