@@ -14,7 +14,8 @@ reaches back ``keep`` seconds (AUTH_CACHE_KEEP_SECONDS), longer than the TTL: a 
 sends every few seconds or minutes would otherwise find their token expired at almost
 every send, and each such batch waits for its look-ups (on the 2-core benchmark machine
 ~0.7-1 ms of the servers' CPU a send at 30 sends/s), where the refresher reads the same
-token in a query of up to 1,000 keys at <= 5 us a key (docs/benchmarks.md, 8 Dec).
+token in a query of up to 1,000 keys at ~17 us of CPU a key, worker and mongod together
+(docs/benchmarks.md, 8 Dec).
 The TTL still bounds how old a decision is. A batch that does miss looks its tokens
 (then their users) and its chats up at once.
 """
