@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tests.scale.common import (
     summarize,
     with_query,
 )
+from tests.scale.procs import TREE_TTL, Supervisor, descendants, process_tree
 from tests.scale.verify import verify
 from tests.scale.workloads import chat_workload, rooms_workload, with_rate
 
@@ -420,3 +422,39 @@ def test_a_report_says_when_it_measured_uncommitted_code(tmp_path: Path) -> None
     (tmp_path / "code.py").write_text("x = 2\n")
     assert reporting.git_rev(tmp_path) == f"{rev} with uncommitted changes"
     assert reporting.git_rev(tmp_path / "not-a-repo") == ""
+
+
+# A parent that starts a child; the child spends ~0.3 s of CPU, then both wait (the
+# child until its parent has gone).
+_FORKING = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", '''
+import os, time
+parent = os.getppid()
+start = time.process_time()
+while time.process_time() - start < 0.3:
+    pass
+while os.getppid() == parent:  # ends with its parent
+    time.sleep(0.1)
+'''])
+time.sleep(60)
+"""
+
+
+def test_a_tracked_process_counts_its_childrens_cpu_as_found_by_one_scan(tmp_path: Path) -> None:
+    """The harness's once-a-second sample reads /proc for its processes' children at
+    most every TREE_TTL seconds (one scan of every process's stat file costs ~2 ms of
+    the cores it measures), and still counts a forking server's children."""
+    sup = Supervisor(tmp_path, 120)
+    try:
+        parent = sup.spawn("parent", "server", [sys.executable, "-c", _FORKING])
+        deadline = time.monotonic() + 10
+        while not descendants(parent.pid, process_tree()):
+            assert time.monotonic() < deadline, "the child never started"
+            time.sleep(0.05)
+        deadline = time.monotonic() + TREE_TTL + 10
+        while sup.sample()[parent.pid]["cpu_s"] < 0.3:
+            assert time.monotonic() < deadline, "the child's CPU was never counted"
+            time.sleep(0.2)
+    finally:
+        sup.close()
