@@ -80,8 +80,9 @@ async def test_run_every_counts_the_interval_from_each_runs_end_or_its_start(
         with pytest.raises(asyncio.CancelledError):
             await task
     gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # The loop's timers may fire a clock tick early; the upper margin is for one that
+    # wakes late.
     if from_start:
-        # Sleeping never ends early; the margin is for a loop that wakes late.
-        assert all(interval <= gap < 1.5 * interval for gap in gaps), gaps
+        assert all(0.99 * interval <= gap < 1.5 * interval for gap in gaps), gaps
     else:
-        assert all(gap >= 1.8 * interval for gap in gaps), gaps
+        assert all(gap >= 0.99 * 1.8 * interval for gap in gaps), gaps

@@ -100,14 +100,13 @@ def process_tree() -> dict[int, list[int]]:
     return children
 
 
-def descendants(pid: int, tree: dict[int, list[int]] | None = None) -> list[int]:
+def descendants(pid: int, tree: dict[int, list[int]]) -> list[int]:
     """Every descendant of ``pid`` (children of forking servers) in ``tree`` (from
-    :func:`process_tree`; scanned now when not given)."""
-    children = process_tree() if tree is None else tree
+    :func:`process_tree`)."""
     out: list[int] = []
     stack = [pid]
     while stack:
-        for child in children.get(stack.pop(), ()):
+        for child in tree.get(stack.pop(), ()):
             out.append(child)
             stack.append(child)
     return out
