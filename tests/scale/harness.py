@@ -245,6 +245,7 @@ class Target:
         self.first_per_conn_tag = ""
         self._status_client: Any = None  # ours: a client for mongod's serverStatus
         self.probe_token = secrets.token_hex(16)  # ours: the probe's socket (probe.py)
+        self._closed = False
 
     @property
     def adapter(self) -> str:
@@ -591,6 +592,11 @@ class Target:
         return server_time.mongod_totals(status)
 
     def close(self) -> None:
+        """Stop every process of the target and remove its data (once; later calls do
+        nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         if self._status_client is not None:
             self._status_client.close()
         self.sup.close()
@@ -675,8 +681,12 @@ def run_step(
     args: argparse.Namespace,
     label: str,
     step_dir: Path,
+    parked: list[Target] | None = None,
 ) -> dict[str, Any]:
-    """Connect every socket, run the measured window, drain, verify; the step's figures."""
+    """Connect every socket, run the measured window, drain, verify; the step's figures.
+    ``parked`` are other targets of the run, up and idle meanwhile: their CPU in the
+    window is counted with the other processes' and reported on its own."""
+    parked = parked or []
     step_dir.mkdir(parents=True, exist_ok=True)
     cpus = [int(c) for c in args.loadgen_cpus.split(",") if c.strip()] if args.loadgen_cpus else []
     n_procs = len(cpus) if cpus else max(1, args.loadgen_procs)
@@ -782,7 +792,9 @@ def run_step(
             proc.popen.stdin.write(f"GO {go_ns}\n")
             proc.popen.stdin.flush()
         time.sleep(max(0.0, (go_ns - time.monotonic_ns()) / 1e9))
+        window_start = time.time()
         s0 = target.sup.sample()
+        parked0 = [other.sup.sample() for other in parked]
         totals0 = target.metric_totals()
         busy0 = machine_busy_seconds()
         steal0 = machine.steal_seconds()
@@ -820,6 +832,7 @@ def run_step(
                 prev = cur
                 next_sample += 1.0
         s1 = target.sup.sample()
+        parked1 = [other.sup.sample() for other in parked]
         totals1 = target.metric_totals()
         busy1 = machine_busy_seconds()
         steal1 = machine.steal_seconds()
@@ -893,6 +906,10 @@ def run_step(
     # tests, the harness itself): when large, the figures of this step are disturbed.
     harness_cpu = self1 - self0
     background = max(0.0, (busy1 - busy0) - server_cpu - loadgen_cpu - harness_cpu)
+    parked_cpu = {
+        other.name: round(sum(cpu_by_kind(before, after).values()), 3)
+        for other, before, after in zip(parked, parked0, parked1, strict=True)
+    }
     # Memory: peak RSS (VmHWM) per process, and RSS growth per connected socket.
     procs_mem = {}
     for info in s2.values():
@@ -930,6 +947,7 @@ def run_step(
         "offered_history_rate": scenario.history_rate,
         "offered_deliveries_per_s": round(scenario.offered_deliveries, 1),
         "duration_s": duration,
+        "window_start_unix": round(window_start, 3),
         "sockets": len(scenario.clients),
         "sockets_connected": connected,
         "setup_s": setup_s,
@@ -951,6 +969,8 @@ def run_step(
             "server_cores": round(server_cpu / duration, 3),
             "loadgen_cores": round(loadgen_cpu / duration, 3),
             "other_cores": round(background / duration, 3),
+            # Of which the run's other targets, up and idle (``--order interleaved``).
+            "parked_cores": {name: round(v / duration, 3) for name, v in parked_cpu.items()},
             "harness_cores": round(harness_cpu / duration, 3),
             "server_us_per_send": round(server_cpu * 1e6 / sent, 1) if sent else None,
             "server_us_per_delivery": round(server_cpu * 1e6 / deliveries, 1)
@@ -1047,41 +1067,81 @@ def sweep_rates(args: argparse.Namespace, base: float) -> list[float]:
     return rates
 
 
-def run_target(
-    name: str, args: argparse.Namespace, run_dir: Path, report_dir: Path
-) -> dict[str, Any]:
-    """Start one target, run the workload's step(s) on it, stop it."""
-    workload = args.sweep_of if args.workload == "sweep" else args.workload
-    endpoints = 1 if name == "aiohttp" else args.gateways
-    scenario = build_scenario(args, endpoints, workload)
-    rates = (
-        sweep_rates(args, scenario.send_rate) if args.workload == "sweep" else [scenario.send_rate]
-    )
-    steps_budget = len(rates) * (
-        args.setup_timeout + len(scenario.clients) / 50 + args.duration + args.drain + 90
-    )
-    target = Target(name, args, run_dir, args.ready_timeout * 2 + steps_budget + 300)
-    out: dict[str, Any] = {
-        "target": name,
-        "workload": workload,
-        "description": scenario.description,
-    }
-    try:
-        say(f"{name}: starting ({scenario.description})")
-        check_server_fds(name, len(scenario.clients), endpoints)
-        t0 = time.monotonic()
-        target.start(scenario)
-        out["start_s"] = round(time.monotonic() - t0, 1)
-        out["urls"] = target.urls
-        steps = []
-        for i, rate in enumerate(rates):
-            step_scenario = scenario if rate == scenario.send_rate else with_rate(scenario, rate)
-            label = f"{name} {workload}" + (f" @{rate:g}/s" if args.workload == "sweep" else "")
-            discarded = []
+def step_order(names: list[str], index: int) -> list[str]:
+    """The order the targets run their ``index``-th step in: as given, then reversed,
+    and so on (A B, B A, A B, ...). Whatever drifts on the machine over a run, no target
+    is always the one measured first or last."""
+    return list(names) if index % 2 == 0 else list(reversed(names))
+
+
+class TargetRun:
+    """One target through a run: started once, its step(s) (one per offered rate), and
+    its part of the report."""
+
+    def __init__(
+        self, name: str, args: argparse.Namespace, run_dir: Path, report_dir: Path
+    ) -> None:
+        self.name = name
+        self.args = args
+        self.run_dir = run_dir
+        self.report_dir = report_dir
+        self.workload = args.sweep_of if args.workload == "sweep" else args.workload
+        self.endpoints = 1 if name == "aiohttp" else args.gateways
+        self.scenario = build_scenario(args, self.endpoints, self.workload)
+        self.rates = (
+            sweep_rates(args, self.scenario.send_rate)
+            if args.workload == "sweep"
+            else [self.scenario.send_rate]
+        )
+        self.budget_s = len(self.rates) * (
+            args.setup_timeout + len(self.scenario.clients) / 50 + args.duration + args.drain + 90
+        )
+        self.target: Target | None = None
+        self.steps: list[dict[str, Any]] = []
+        self.done = False  # no more steps: all run, the sweep's limit found, or setup failed
+        self.out: dict[str, Any] = {
+            "target": name,
+            "workload": self.workload,
+            "description": self.scenario.description,
+        }
+
+    def start(self, max_seconds: float) -> None:
+        """Start the target's processes (they may live ``max_seconds`` at most)."""
+        self.target = Target(self.name, self.args, self.run_dir, max_seconds)
+        try:
+            say(f"{self.name}: starting ({self.scenario.description})")
+            check_server_fds(self.name, len(self.scenario.clients), self.endpoints)
+            t0 = time.monotonic()
+            self.target.start(self.scenario)
+            self.out["start_s"] = round(time.monotonic() - t0, 1)
+            self.out["urls"] = self.target.urls
+        except SetupFailed as exc:
+            self._failed(exc)
+
+    def wants(self, index: int) -> bool:
+        return not self.done and index < len(self.rates)
+
+    def step(self, index: int, order: list[str], parked: list[Target]) -> None:
+        """Run the ``index``-th step (repeated when disturbed, as ``--retry-disturbed``
+        says); ``parked`` are the other targets, up and idle meanwhile."""
+        assert self.target is not None
+        args, name, rate = self.args, self.name, self.rates[index]
+        scenario = (
+            self.scenario if rate == self.scenario.send_rate else with_rate(self.scenario, rate)
+        )
+        label = f"{name} {self.workload}" + (f" @{rate:g}/s" if args.workload == "sweep" else "")
+        discarded = []
+        try:
             for attempt in range(args.retry_disturbed + 1):
-                tag = f"s{i}" if attempt == 0 else f"s{i}r{attempt}"
+                tag = f"s{index}" if attempt == 0 else f"s{index}r{attempt}"
                 step = run_step(
-                    target, step_scenario, tag, args, label, report_dir / "steps" / f"{name}-{tag}"
+                    self.target,
+                    scenario,
+                    tag,
+                    args,
+                    label,
+                    self.report_dir / "steps" / f"{name}-{tag}",
+                    parked,
                 )
                 if attempt == args.retry_disturbed or not should_repeat(step):
                     break
@@ -1094,33 +1154,89 @@ def run_target(
                         "passed": step["passed"],
                     }
                 )
-            step["discarded_disturbed_attempts"] = discarded
-            if args.workload == "sweep":
-                ok, why = step_ok(step, args.slo_p99_ms)
-                step["sustainable"] = ok
-                step["verdict"] = why
-                say(f"{label}: {'sustainable' if ok else 'NOT sustainable'} ({why})")
-            steps.append(step)
-            _print_step(step)
-            if args.workload == "sweep" and not step["sustainable"]:
-                break
-        out["steps"] = steps
-        if name == "ours" and args.probe_rounds > 0 and steps and steps[-1]["passed"]:
-            out["probe"] = target.probe(args.probe_rounds, args.probe_gap_ms)
-        out["notes"] = target.notes
+        except SetupFailed as exc:
+            self._failed(exc)
+            return
+        step["discarded_disturbed_attempts"] = discarded
+        step["order"] = {"position": order.index(name) + 1, "targets": order}
         if args.workload == "sweep":
-            good = [s["offered_send_rate"] for s in steps if s.get("sustainable")]
-            out["sustainable_send_rate"] = max(good) if good else None
-            out["sweep_limit_reached"] = any(not s.get("sustainable") for s in steps)
-        out["passed"] = all(s["passed"] for s in steps)
-    except SetupFailed as exc:
-        say(f"{name}: SETUP FAILED: {exc}")
-        out["setup_error"] = str(exc)
-        out["passed"] = False
-        out["steps"] = []
+            ok, why = step_ok(step, args.slo_p99_ms)
+            step["sustainable"] = ok
+            step["verdict"] = why
+            say(f"{label}: {'sustainable' if ok else 'NOT sustainable'} ({why})")
+        self.steps.append(step)
+        _print_step(step)
+        if index == len(self.rates) - 1 or (args.workload == "sweep" and not step["sustainable"]):
+            self.done = True
+
+    def finish(self) -> dict[str, Any]:
+        """The target's part of the report (after its probe, for ours); stops it."""
+        args, out, steps = self.args, self.out, self.steps
+        try:
+            if "setup_error" not in out and self.target is not None:
+                if self.name == "ours" and args.probe_rounds > 0 and steps and steps[-1]["passed"]:
+                    out["probe"] = self.target.probe(args.probe_rounds, args.probe_gap_ms)
+                out["notes"] = self.target.notes
+            out["steps"] = steps
+            if args.workload == "sweep" and "setup_error" not in out:
+                good = [s["offered_send_rate"] for s in steps if s.get("sustainable")]
+                out["sustainable_send_rate"] = max(good) if good else None
+                out["sweep_limit_reached"] = any(not s.get("sustainable") for s in steps)
+            out["passed"] = "setup_error" not in out and all(s["passed"] for s in steps)
+        except SetupFailed as exc:
+            self._failed(exc)
+        finally:
+            self.close()
+        return out
+
+    def close(self) -> None:
+        if self.target is not None:
+            self.target.close()
+
+    def _failed(self, exc: SetupFailed) -> None:
+        say(f"{self.name}: SETUP FAILED: {exc}")
+        self.out["setup_error"] = str(exc)
+        self.out["passed"] = False
+        self.out["steps"] = []
+        self.steps = []
+        self.done = True
+
+
+def run_targets(
+    names: list[str], args: argparse.Namespace, run_dir: Path, report_dir: Path
+) -> list[dict[str, Any]]:
+    """Every target's steps. ``--order interleaved`` (with more than one target): all
+    targets are started first, and each step's rate is run on every target before the
+    next rate, in :func:`step_order`, the others up and idle meanwhile. ``sequential``:
+    one target after the other, each stopped before the next starts."""
+    runs = [TargetRun(name, args, run_dir, report_dir) for name in names]
+    try:
+        if args.order == "interleaved" and len(runs) > 1:
+            # Each target lives through the whole run.
+            budget = sum(r.budget_s for r in runs) + args.ready_timeout * 2 * len(runs) + 300
+            for run in runs:
+                run.start(budget)
+            by_name = {run.name: run for run in runs}
+            index = 0
+            while any(run.wants(index) for run in runs):
+                order = step_order([r.name for r in runs if r.wants(index)], index)
+                for name in order:
+                    parked = [r.target for r in runs if r.name != name and r.target is not None]
+                    by_name[name].step(index, order, parked)
+                index += 1
+            return [run.finish() for run in runs]
+        results = []
+        for run in runs:
+            run.start(run.budget_s + args.ready_timeout * 2 + 300)
+            index = 0
+            while run.wants(index):
+                run.step(index, [run.name], [])
+                index += 1
+            results.append(run.finish())
+        return results
     finally:
-        target.close()
-    return out
+        for run in runs:
+            run.close()
 
 
 def _print_step(step: dict[str, Any]) -> None:
@@ -1282,6 +1398,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU (cores) used by processes outside the run above which a step is flagged as disturbed",
     )
     p.add_argument(
+        "--order",
+        choices=("interleaved", "sequential"),
+        default="interleaved",
+        help="with several targets: interleaved starts them all and runs each rate on every "
+        "target before the next rate, the order reversed at each rate (A B, B A, ...), the "
+        "others idle meanwhile; sequential runs one target after the other, each stopped "
+        "before the next starts",
+    )
+    p.add_argument(
         "--retry-disturbed",
         type=int,
         default=1,
@@ -1365,12 +1490,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     # Explicitly, since a shell starting us in the background sets SIGINT to "ignore".
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    results = []
+    results: list[dict[str, Any]] = []
     started = time.monotonic()
     interrupted = False
     try:
-        for name in targets:
-            results.append(run_target(name, args, run_dir, report_dir))
+        results = run_targets(targets, args, run_dir, report_dir)
     except (KeyboardInterrupt, Interrupted):
         interrupted = True
         say("interrupted: every process of the run was stopped")

@@ -117,6 +117,23 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     return out
 
 
+def order_note(order: str) -> str:
+    """How the targets' steps were ordered (the machine drifts over a run: whichever
+    target is measured second tends to come out slower)."""
+    if order == "interleaved":
+        return (
+            "Targets interleaved: every target was started first, each offered rate was run "
+            "on every target before the next rate, in the order given and then reversed at "
+            "each rate (A B, B A, ...); the targets not measured were up and idle, and their "
+            "CPU in a window ('parked') is part of its 'other cores'."
+        )
+    return (
+        "Targets run one after the other, each stopped before the next started: the machine's "
+        "drift over the run falls on the later targets (repeat with the targets in the other "
+        "order, or with --order interleaved)."
+    )
+
+
 def write_concern_note(options: str) -> str:
     """What ours waited for before it acknowledged a message, as the worker's client says."""
     url = with_query("mongodb://127.0.0.1/chat", options)
@@ -168,6 +185,7 @@ def build(
             "Load generators and servers share the same 2 cores; loadgen CPU is reported separately. "
             "'other cores' is CPU used during the window by processes outside the run (e.g. other "
             "tests on the machine): when it is high, the step's latencies are disturbed.",
+            *([order_note(args.order)] if len(targets) > 1 else []),
         ],
     }
     if args.workload == "sweep":
@@ -193,6 +211,17 @@ def write(report: dict[str, Any], out_dir: Path) -> None:
         chart(report, out_dir / "chart.png")
     except Exception as exc:
         (out_dir / "chart-error.txt").write_text(repr(exc))
+
+
+def _other_cores(cpu: dict[str, Any]) -> str:
+    """The step's 'other cores', with the share of the run's idle targets when any."""
+    other = cpu.get("other_cores")
+    if other is None:
+        return "-"
+    parked = cpu.get("parked_cores") or {}
+    if not parked:
+        return str(other)
+    return f"{other} (parked {round(sum(parked.values()), 3)})"
 
 
 def _fmt(v: Any) -> str:
@@ -244,7 +273,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {_fmt(s['offered_send_rate'])} | {a['sends_per_s']} | {a['acked_per_s']} | "
                 f"{a['deliveries_per_s']} | {a['history_per_s']} | {c['server_cores']} | "
-                f"{c['loadgen_cores']} | {c.get('other_cores', '-')} | {_fmt(c['server_us_per_send'])} | "
+                f"{c['loadgen_cores']} | {_other_cores(c)} | {_fmt(c['server_us_per_send'])} | "
                 f"{_fmt(c['server_us_per_delivery'])} | {_fmt(c['loadgen_us_per_delivery'])} | {verdict} |"
             )
         lines += ["", "Latency (ms, from the scheduled send time):", ""]

@@ -404,6 +404,41 @@ def test_the_chain_floor_reads_history_pages_through_its_worker(tmp_path: Path) 
     assert verification["stored"] == step["counts"]["acked"] > 0
 
 
+def test_targets_take_turns_being_measured_first() -> None:
+    assert harness.step_order(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert harness.step_order(["a", "b", "c"], 1) == ["c", "b", "a"]
+    assert harness.step_order(["a", "b"], 2) == ["a", "b"]
+
+
+def test_an_interleaved_run_measures_each_rate_on_every_target_in_turn(tmp_path: Path) -> None:
+    """--order interleaved (the default with several targets): both targets up from the
+    start, each rate run on both before the next, the second rate in the reverse order,
+    and the idle target's CPU in each window reported."""
+    cmd = [
+        sys.executable, "-m", "tests.scale.harness", "--targets", "aiohttp,socketio",
+        "--workload", "sweep", "--sweep-rates", "20,30", "--sockets", "20",
+        "--slo-p99-ms", "10000", "--duration", "1", "--drain", "3", "--quiet-wait", "0",
+        "--out", str(tmp_path), "--data-dir", str(tmp_path / "data"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("-sweep")]
+    report = json.loads((report_dir / "report.json").read_text())
+    steps = [step for result in report["results"] for step in result["steps"]]
+    assert all(step["passed"] for step in steps) and len(steps) == 4
+    by_start = sorted(steps, key=lambda step: step["window_start_unix"])
+    assert [(s["target"], s["offered_send_rate"]) for s in by_start] == [
+        ("aiohttp", 20), ("socketio", 20), ("socketio", 30), ("aiohttp", 30),
+    ]  # fmt: skip
+    for step in steps:
+        other = {"aiohttp": "socketio", "socketio": "aiohttp"}[step["target"]]
+        assert set(step["cpu"]["parked_cores"]) == {other}
+        assert step["cpu"]["parked_cores"][other] >= 0
+    assert by_start[0]["order"] == {"position": 1, "targets": ["aiohttp", "socketio"]}
+    assert by_start[2]["order"] == {"position": 1, "targets": ["socketio", "aiohttp"]}
+    assert "Targets interleaved" in (report_dir / "report.md").read_text()
+
+
 def test_a_report_says_when_it_measured_uncommitted_code(tmp_path: Path) -> None:
     """The commit, and whether tracked files differed from it (untracked ones do not:
     reports and data folders are ignored or new)."""
