@@ -1091,7 +1091,7 @@ class TargetRun:
         self.rates = (
             sweep_rates(args, self.scenario.send_rate)
             if args.workload == "sweep"
-            else [self.scenario.send_rate]
+            else [self.scenario.send_rate] * args.rounds
         )
         self.budget_s = len(self.rates) * (
             args.setup_timeout + len(self.scenario.clients) / 50 + args.duration + args.drain + 90
@@ -1129,7 +1129,11 @@ class TargetRun:
         scenario = (
             self.scenario if rate == self.scenario.send_rate else with_rate(self.scenario, rate)
         )
-        label = f"{name} {self.workload}" + (f" @{rate:g}/s" if args.workload == "sweep" else "")
+        label = f"{name} {self.workload}"
+        if args.workload == "sweep":
+            label += f" @{rate:g}/s"
+        elif args.rounds > 1:
+            label += f" round {index + 1}/{args.rounds}"
         discarded = []
         try:
             for attempt in range(args.retry_disturbed + 1):
@@ -1407,6 +1411,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "before the next starts",
     )
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="workloads other than sweep: run the step this many times on each target (with "
+        "several targets interleaved, so each is measured first as often as last); ratios "
+        "and goals are then taken on the median round",
+    )
+    p.add_argument(
         "--retry-disturbed",
         type=int,
         default=1,
@@ -1434,6 +1446,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.duration = {"idle": 40.0, "sweep": 10.0}.get(args.workload, 20.0)
     if args.workload == "sweep" and not args.rate and not args.sweep_rates:
         args.rate = 250.0 if args.sweep_of == "chat" else 20.0
+    if args.rounds < 1 or (args.rounds > 1 and args.workload == "sweep"):
+        p.error("--rounds must be 1 or more, and 1 for a sweep (each rate is its round)")
     if args.workload == "history" and args.history_prefill < 51:
         p.error("--history-prefill must be at least 51")
     return args

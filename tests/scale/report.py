@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -98,23 +99,36 @@ def _server_per_conn(step: dict[str, Any]) -> float | None:
     return round(sum(vals), 2) if vals else None
 
 
-def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """ours / peer for each headline figure (last step of each target)."""
+def ratios(
+    results: list[dict[str, Any]], rounds: bool = False
+) -> dict[str, dict[str, float | None]]:
+    """ours / peer for each headline figure: of the last step of each target, or with
+    ``rounds`` (every step at the same rate) the median of the rounds' ratios, each round
+    ours' step over the peer's step of the same round (both measured close in time)."""
     by = {r["target"]: r for r in results if r.get("steps")}
     if "ours" not in by:
         return {}
-    ours = headline(by["ours"]["steps"][-1])
+    ours_steps = by["ours"]["steps"] if rounds else by["ours"]["steps"][-1:]
     out: dict[str, dict[str, float | None]] = {}
     for name, r in by.items():
         if name == "ours":
             continue
-        peer = headline(r["steps"][-1])
+        pairs = list(zip(ours_steps, r["steps"] if rounds else r["steps"][-1:], strict=False))
         row: dict[str, float | None] = {}
-        for key, value in ours.items():
-            other = peer.get(key)
-            row[key] = round(value / other, 3) if value is not None and other else None
+        for key in headline(ours_steps[-1]):
+            values = []
+            for mine, theirs in pairs:
+                value, other = headline(mine)[key], headline(theirs)[key]
+                if value is not None and other:
+                    values.append(value / other)
+            row[key] = round(statistics.median(values), 3) if values else None
         out[name] = row
     return out
+
+
+def rounds(args: argparse.Namespace) -> bool:
+    """Whether each target ran its step more than once (``--rounds``)."""
+    return args.workload != "sweep" and getattr(args, "rounds", 1) > 1
 
 
 def order_note(order: str) -> str:
@@ -169,7 +183,7 @@ def build(
         "targets": targets,
         "wall_s": round(wall_s, 1),
         "results": results,
-        "ratios_ours_over_peer": ratios(results),
+        "ratios_ours_over_peer": ratios(results, rounds=rounds(args)),
         "notes": [
             "Peers persist nothing, assign no durable ids and check no token; the gateway "
             "authenticates every request, stores every message in MongoDB and assigns per-chat ids.",
@@ -388,7 +402,13 @@ def markdown(report: dict[str, Any]) -> str:
     rat = report.get("ratios_ours_over_peer")
     if rat:
         keys = list(next(iter(rat.values())).keys())
-        lines += ["## ours / peer (ratio of the last step's figures)", ""]
+        n = report["params"].get("rounds", 1)
+        what = (
+            f"median over {n} rounds of each round's ratio"
+            if report["workload"] != "sweep" and n > 1
+            else "ratio of the last step's figures"
+        )
+        lines += [f"## ours / peer ({what})", ""]
         lines.append("| peer | " + " | ".join(keys) + " |")
         lines.append("|" + "---|" * (len(keys) + 1))
         for name, row in rat.items():

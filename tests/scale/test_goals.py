@@ -239,3 +239,29 @@ def test_a_late_generator_says_how_long_its_own_collector_paused() -> None:
     )
     step["latency_ms"]["send_lag"] = _lat(0.01, 0.5)  # on time: nothing said
     assert "ran late" not in goals.load_text(step, 2)
+
+
+def test_rounds_are_judged_on_their_median_and_a_failed_round_fails_the_goal() -> None:
+    """--rounds: the chat median goal judged on the round with the median p50 (each
+    round's p50 said), the floor's figure likewise; a round with loss is the one judged."""
+    ours = _ours(_step(3000, p50=5.0), _step(3000, p50=2.5), _step(3000, p50=3.5))
+    floor = _ours(
+        _step(3000, p50=2.9), _step(3000, p50=2.7, p99=8.0), _step(3000, p50=2.6), target="chain"
+    )
+    half = _by_goal(goals.evaluate("chat", {}, [ours, floor], 2, 1), "chat at")
+    assert half["status"] == goals.NOT_MET
+    assert half["measured"] == (
+        "p50 3.5 ms, p99 10 ms (the median of 3 rounds by p50; each round's p50: 5, 2.5, 3.5 ms)"
+    )
+    assert half["gap"] == "p50 0.50 ms over (1.17x)"
+    assert (
+        "delivery p50 2.7 ms, p99 8 ms on 1.4 server cores (the median of 3 rounds"
+        in (half["bound"])
+    )
+    lossy = _ours(_step(3000, p50=2.0), _step(3000, p50=2.1, passed=False), _step(3000, p50=2.2))
+    verdict = _by_goal(goals.evaluate("chat", {}, [lossy], 2, 1), "chat at")
+    assert verdict["status"] == goals.NOT_MET
+    assert "failed verification" in verdict["measured"]
+    assert (
+        goals.median_step(lossy["steps"][::2], "delivery")["latency_ms"]["delivery"]["p50"] == 2.0
+    )

@@ -410,6 +410,40 @@ def test_targets_take_turns_being_measured_first() -> None:
     assert harness.step_order(["a", "b"], 2) == ["a", "b"]
 
 
+def _headline_step(p50: float, cores: float) -> dict[str, Any]:
+    lat = {"p50": p50, "p99": p50 * 3, "p99_9": p50 * 5}
+    return {
+        "achieved": {"sends_per_s": 100.0, "acked_per_s": 100.0, "deliveries_per_s": 400.0},
+        "latency_ms": {"send_reply": lat, "delivery": lat},
+        "cpu": {
+            "server_cores": cores,
+            "server_us_per_delivery": cores * 2500,
+            "server_us_per_send": cores * 10_000,
+            "server_us_per_socket_second": None,
+        },
+        "memory": {"rss_kb_per_connection": {"gateway": 10.0}},
+    }
+
+
+def test_rounds_compare_each_round_with_its_partner_and_take_the_median() -> None:
+    """ours / peer with --rounds: each round's ratio (the two steps measured back to
+    back), the median of those; without rounds, the last steps'."""
+    ours = {"target": "ours", "steps": [_headline_step(p, 1.0) for p in (4.0, 9.0, 5.0)]}
+    peer = {"target": "chain", "steps": [_headline_step(p, 0.5) for p in (2.0, 3.0, 4.0)]}
+    paired = reporting.ratios([ours, peer], rounds=True)["chain"]
+    assert paired["delivery_p50_ms"] == 2.0  # rounds 2.0, 3.0, 1.25
+    assert paired["server_cores"] == 2.0
+    assert paired["server_us_per_socket_second"] is None
+    assert reporting.ratios([ours, peer])["chain"]["delivery_p50_ms"] == 1.25
+    assert reporting.ratios([peer]) == {}
+
+
+@pytest.mark.parametrize("options", [["--workload", "sweep", "--rounds", "2"], ["--rounds", "0"]])
+def test_rounds_that_mean_nothing_are_refused(options: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        harness.parse_args(options)
+
+
 def test_an_interleaved_run_measures_each_rate_on_every_target_in_turn(tmp_path: Path) -> None:
     """--order interleaved (the default with several targets): both targets up from the
     start, each rate run on both before the next, the second rate in the reverse order,
