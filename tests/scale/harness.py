@@ -906,10 +906,11 @@ def run_step(
     # tests, the harness itself): when large, the figures of this step are disturbed.
     harness_cpu = self1 - self0
     background = max(0.0, (busy1 - busy0) - server_cpu - loadgen_cpu - harness_cpu)
-    parked_cpu = {
-        other.name: round(sum(cpu_by_kind(before, after).values()), 3)
+    parked_by_kind = {
+        other.name: cpu_by_kind(before, after)
         for other, before, after in zip(parked, parked0, parked1, strict=True)
     }
+    parked_cpu = {name: sum(kinds.values()) for name, kinds in parked_by_kind.items()}
     # Memory: peak RSS (VmHWM) per process, and RSS growth per connected socket.
     procs_mem = {}
     for info in s2.values():
@@ -963,6 +964,7 @@ def run_step(
         "latency_ms": {name: summarize(h) for name, h in hists.items()},
         "cpu_s_window": cpu_window,
         "cpu_s_with_drain": cpu_total,
+        "parked_cpu_s_window": parked_by_kind,
         "cpu": {
             "server_s": round(server_cpu, 3),
             "loadgen_s": round(loadgen_cpu, 3),

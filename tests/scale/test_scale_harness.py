@@ -468,6 +468,7 @@ def test_an_interleaved_run_measures_each_rate_on_every_target_in_turn(tmp_path:
         other = {"aiohttp": "socketio", "socketio": "aiohttp"}[step["target"]]
         assert set(step["cpu"]["parked_cores"]) == {other}
         assert step["cpu"]["parked_cores"][other] >= 0
+        assert set(step["parked_cpu_s_window"]) == {other}
     assert by_start[0]["order"] == {"position": 1, "targets": ["aiohttp", "socketio"]}
     assert by_start[2]["order"] == {"position": 1, "targets": ["socketio", "aiohttp"]}
     assert "Targets interleaved" in (report_dir / "report.md").read_text()
