@@ -347,7 +347,13 @@ def _rooms(
         f"rooms: >= {ROOMS_PEER_FACTOR:g}x the best peer's sustainable deliveries/s, "
         "at equal or lower p99 at equal load"
     )
-    peers = [r for r in results if r["target"] not in ("ours", *FLOORS) and r.get("steps")]
+    peers = [
+        r
+        for r in results
+        if r["target"] not in ("ours", *FLOORS)
+        and not r["target"].startswith("ours@")  # ours at another revision
+        and r.get("steps")
+    ]
     if not peers:
         out.append(
             _verdict(

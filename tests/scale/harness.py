@@ -25,6 +25,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -71,6 +72,37 @@ NEEDS_REDIS = {"ours": True, "socketio": True, "channels": True, "aiohttp": Fals
 # Targets that store what they are sent, and so get the shipped Redis (AOF) and a mongod.
 STORES = ("ours", "chain")
 PYTHON = sys.executable
+BASELINE = "ours@"  # ours@REV: ours' gateway and worker as they were at git revision REV
+
+
+def kind_of(name: str) -> str:
+    """What a target is: ``ours@REV`` is ours (at another revision)."""
+    return "ours" if name.startswith(BASELINE) else name
+
+
+def resolve_revision(rev: str) -> str:
+    """The full commit id of ``rev`` in this checkout (SystemExit when there is none)."""
+    done = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0 or not rev:
+        raise SystemExit(f"ours@{rev}: no such git revision in {ROOT}")
+    return done.stdout.strip()
+
+
+def export_revision(commit: str, dest: Path) -> None:
+    """The tracked files of ``commit`` under ``dest`` (``git archive``; no worktree to
+    register or clean up)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.Popen(["git", "archive", commit], cwd=ROOT, stdout=subprocess.PIPE)
+    assert archive.stdout is not None
+    untar = subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout)
+    archive.stdout.close()
+    if archive.wait() != 0 or untar.returncode != 0:
+        raise SetupFailed(f"could not export git revision {commit} to {dest}")
 
 
 class SetupFailed(RuntimeError):
@@ -231,6 +263,7 @@ class Target:
 
     def __init__(self, name: str, args: argparse.Namespace, run_dir: Path, max_seconds: float):
         self.name = name
+        self.kind = kind_of(name)
         self.args = args
         self.dir = run_dir / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -246,10 +279,17 @@ class Target:
         self._status_client: Any = None  # ours: a client for mongod's serverStatus
         self.probe_token = secrets.token_hex(16)  # ours: the probe's socket (probe.py)
         self._closed = False
+        # The source tree its gateways and workers run from: this checkout, or for a
+        # baseline (ours@REV) that revision's files, exported at the start.
+        self.code = ROOT
+        self.commit: str | None = None
+        if self.kind != name:
+            self.commit = resolve_revision(name[len(BASELINE) :])
+            self.code = self.data_dir / "code"
 
     @property
     def adapter(self) -> str:
-        return ADAPTER[self.name]
+        return ADAPTER[self.kind]
 
     def endpoints(self) -> int:
         if self.name == "aiohttp":
@@ -261,22 +301,24 @@ class Target:
     def start(self, scenario: Scenario) -> None:
         from deploy.local.servers import free_port, mongo_server, redis_server
 
-        if NEEDS_REDIS[self.name]:
+        if self.commit is not None:
+            export_revision(self.commit, self.code)
+        if NEEDS_REDIS[self.kind]:
             # The gateway's Redis is configured as shipped (AOF, fsync every second); the
             # peers persist nothing, so theirs runs without AOF.
             redis = redis_server(
-                free_port(), self.data_dir / "redis", appendonly=self.name in STORES
+                free_port(), self.data_dir / "redis", appendonly=self.kind in STORES
             ).start()
             assert redis.process is not None
             self.sup.adopt("redis", "redis", redis.process, redis.log_path)
             self.redis_url = redis.url
-        if self.name in STORES:
+        if self.kind in STORES:
             mongo = mongo_server(free_port(), self.data_dir / "mongo").start(timeout=60)
             assert mongo.process is not None
             self.sup.adopt("mongod", "mongod", mongo.process, mongo.log_path)
             self.mongo_url = mongo.url
             self.seed_mongo(scenario)
-        if self.name == "ours":
+        if self.kind == "ours":
             self.start_ours()
         elif self.name == "chain":
             self.start_chain()
@@ -314,7 +356,9 @@ class Target:
             port = free_port()
             env = dict(base, NODE_ID=f"scale-worker-{i}", WORKER_HTTP_PORT=str(port))
             env["WORKER_HTTP_HOST"] = "127.0.0.1"
-            proc = self.sup.spawn(f"worker-{i}", "worker", [PYTHON, "-m", "worker"], env)
+            proc = self.sup.spawn(
+                f"worker-{i}", "worker", [PYTHON, "-m", "worker"], env, code=self.code
+            )
             proc.extra["port"] = port
             workers.append(proc)
         gateways = []
@@ -326,7 +370,9 @@ class Target:
                 GATEWAY_PORT=str(port),
                 WORKER_HTTP_PORT=str(free_port()),
             )
-            proc = self.sup.spawn(f"gateway-{i}", "gateway", [PYTHON, "-m", "gateway"], env)
+            proc = self.sup.spawn(
+                f"gateway-{i}", "gateway", [PYTHON, "-m", "gateway"], env, code=self.code
+            )
             proc.extra["port"] = port
             gateways.append(proc)
         wait_ready(gateways, lambda p: readyz(p) == 200, "gateway /readyz", args.ready_timeout)
@@ -569,7 +615,7 @@ class Target:
         """Every gateway's and worker's /metrics, summed, with mongod's own counters
         (None for a peer, or when a gateway or worker did not answer: a partial sum
         would misattribute time)."""
-        if self.name != "ours":
+        if self.kind != "ours":
             return None
         texts = self._metrics(("gateway", "worker"))
         if any(text is None for text in texts.values()):
@@ -866,10 +912,10 @@ def run_step(
 
     # Verification.
     stored = None
-    if target.name in STORES:
+    if target.kind in STORES:
         time.sleep(0.5)
         stored = target.stored_messages(tag, list(scenario.chats))
-    if target.name == "ours":
+    if target.kind == "ours":
         target.scrape_metrics(step_dir)
     verification = verify(results, stored)
 
@@ -1117,6 +1163,8 @@ class TargetRun:
             self.target.start(self.scenario)
             self.out["start_s"] = round(time.monotonic() - t0, 1)
             self.out["urls"] = self.target.urls
+            if self.target.commit is not None:
+                self.out["code_commit"] = self.target.commit
         except SetupFailed as exc:
             self._failed(exc)
 
@@ -1458,9 +1506,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def choose_targets(args: argparse.Namespace) -> list[str]:
     if args.targets:
         names = [t.strip() for t in args.targets.split(",") if t.strip()]
-        bad = [t for t in names if t not in TARGETS]
+        bad = [t for t in names if kind_of(t) not in TARGETS]
         if bad:
-            raise SystemExit(f"unknown target(s) {bad}; choose from {TARGETS}")
+            raise SystemExit(f"unknown target(s) {bad}; choose from {TARGETS} or ours@REV")
+        if len(set(names)) < len(names):
+            raise SystemExit(f"a target named twice in {names}")
+        for name in names:
+            if kind_of(name) != name:
+                resolve_revision(name[len(BASELINE) :])
         return names
     names = ["ours"] + (list(PEERS) if args.peers else [])
     return names
@@ -1488,10 +1541,10 @@ def main(argv: list[str] | None = None) -> int:
     targets = choose_targets(args)
     workload = args.sweep_of if args.workload == "sweep" else args.workload
     if args.workload == "history":
-        skipped = [t for t in targets if t not in STORES]
+        skipped = [t for t in targets if kind_of(t) not in STORES]
         if skipped:
             say(f"history: peers store nothing, skipping {skipped}")
-        targets = [t for t in targets if t in STORES]
+        targets = [t for t in targets if kind_of(t) in STORES]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     report_dir = Path(args.out) / f"{stamp}-{args.workload}"
     report_dir.mkdir(parents=True, exist_ok=True)

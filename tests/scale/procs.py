@@ -175,23 +175,26 @@ class Supervisor:
         *,
         pipe_io: bool = False,
         cpus: set[int] | None = None,
+        code: Path = ROOT,
     ) -> Proc:
         """Start ``argv`` with its output in ``<run_dir>/logs/<name>.log``.
 
         ``cpus``: pin the process to these cores (the load generators, when given cores).
+        ``code``: the source tree it runs in and imports from (another revision's, for a
+        baseline).
         """
         logs = self.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name}.log"
         full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env["PYTHONPATH"] = str(code) + os.pathsep + full_env.get("PYTHONPATH", "")
         full_env["PYTHONUNBUFFERED"] = "1"
         if env:
             full_env.update(env)
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
                 argv,
-                cwd=ROOT,
+                cwd=code,
                 env=full_env,
                 stdin=subprocess.PIPE if pipe_io else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if pipe_io else log,

@@ -193,6 +193,13 @@ def build(
                 for name in targets
                 if name in goals.FLOORS
             ),
+            *(
+                f"{r['target']} is ours' gateway and worker as they were at git "
+                f"{r['code_commit'][:12]}, started, seeded and driven by this run's harness "
+                "(a revision whose storage layout differs from this one's is not comparable)."
+                for r in results
+                if r.get("code_commit")
+            ),
             write_concern_note(getattr(args, "mongo_options", "")),
             "Open loop: latency is measured from each send's scheduled time (no coordinated omission); "
             "send_lag is how late the load generator itself was.",

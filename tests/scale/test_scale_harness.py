@@ -528,3 +528,45 @@ def test_a_tracked_process_counts_its_childrens_cpu_as_found_by_one_scan(tmp_pat
             time.sleep(0.2)
     finally:
         sup.close()
+
+
+def test_a_baseline_runs_the_code_of_its_revision(tmp_path: Path) -> None:
+    """ours@REV: its gateways and workers run from REV's files (exported with git
+    archive), measured by this harness beside ours; the export goes with the run's data."""
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    report_dir, result = _short_run(
+        tmp_path, "ours@HEAD", "chat", "--sockets", "20", "--rate", "20", "--probe-rounds", "0",
+        "--keep-data",
+    )  # fmt: skip
+    assert result["target"] == "ours@HEAD" and result["code_commit"] == head
+    step = result["steps"][0]
+    assert step["verification"]["passed"] and step["verification"]["storage_checked"]
+    assert step["server_time"] is not None  # its /metrics read as ours' are
+    (code,) = (tmp_path / "data").glob("*/ours@HEAD/code")
+    for name in ("gateway/__main__.py", "worker/__main__.py", "shared/config.py"):
+        shown = subprocess.run(
+            ["git", "show", f"HEAD:{name}"], cwd=ROOT, capture_output=True, check=True
+        ).stdout
+        assert (code / name).read_bytes() == shown
+    assert f"at git {head[:12]}" in (report_dir / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        harness.choose_targets(harness.parse_args(["--targets", "ours@no-such-revision"]))
+
+
+def test_a_process_runs_in_and_imports_from_the_code_it_is_given(tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "marker_module.py").write_text("WHERE = 'the given tree'\n")
+    sup = Supervisor(tmp_path / "run", 60)
+    try:
+        proc = sup.spawn(
+            "p", "server",
+            [sys.executable, "-c", "import os, marker_module; print(os.getcwd(), marker_module.WHERE)"],
+            code=code,
+        )  # fmt: skip
+        assert proc.popen.wait(30) == 0
+    finally:
+        sup.close()
+    assert proc.log_path.read_text().strip() == f"{code} the given tree"
