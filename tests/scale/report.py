@@ -131,15 +131,26 @@ def rounds(args: argparse.Namespace) -> bool:
     return args.workload != "sweep" and getattr(args, "rounds", 1) > 1
 
 
-def order_note(order: str) -> str:
+def one_step(args: argparse.Namespace) -> bool:
+    """Whether each target ran a single step (one rate, one round)."""
+    return args.workload != "sweep" and getattr(args, "rounds", 1) == 1
+
+
+def order_note(order: str, single: bool = False) -> str:
     """How the targets' steps were ordered (the machine drifts over a run: whichever
-    target is measured second tends to come out slower)."""
+    target is measured second tends to come out slower); ``single``: one step each."""
     if order == "interleaved":
         return (
-            "Targets interleaved: every target was started first, each offered rate was run "
-            "on every target before the next rate, in the order given and then reversed at "
-            "each rate (A B, B A, ...); the targets not measured were up and idle, and their "
-            "CPU in a window ('parked') is part of its 'other cores'."
+            "Targets interleaved: every target was started first, each step (offered rate, "
+            "round) was run on every target before the next, in the order given and then "
+            "reversed at each step (A B, B A, ...); the targets not measured were up and "
+            "idle, and their CPU in a window ('parked') is part of its 'other cores'."
+            + (
+                " With one step each, they ran in the order given: --rounds 2 or more "
+                "measures each first as often as last."
+                if single
+                else ""
+            )
         )
     return (
         "Targets run one after the other, each stopped before the next started: the machine's "
@@ -206,7 +217,7 @@ def build(
             "Load generators and servers share the same 2 cores; loadgen CPU is reported separately. "
             "'other cores' is CPU used during the window by processes outside the run (e.g. other "
             "tests on the machine): when it is high, the step's latencies are disturbed.",
-            *([order_note(args.order)] if len(targets) > 1 else []),
+            *([order_note(args.order, one_step(args))] if len(targets) > 1 else []),
         ],
     }
     if args.workload == "sweep":

@@ -408,6 +408,10 @@ def test_targets_take_turns_being_measured_first() -> None:
     assert harness.step_order(["a", "b", "c"], 0) == ["a", "b", "c"]
     assert harness.step_order(["a", "b", "c"], 1) == ["c", "b", "a"]
     assert harness.step_order(["a", "b"], 2) == ["a", "b"]
+    args = harness.parse_args(["--targets", "ours,chain"])
+    assert "--rounds 2 or more" in reporting.order_note(args.order, reporting.one_step(args))
+    args = harness.parse_args(["--targets", "ours,chain", "--rounds", "2"])
+    assert "--rounds 2" not in reporting.order_note(args.order, reporting.one_step(args))
 
 
 def _headline_step(p50: float, cores: float) -> dict[str, Any]:
@@ -471,7 +475,8 @@ def test_an_interleaved_run_measures_each_rate_on_every_target_in_turn(tmp_path:
         assert set(step["parked_cpu_s_window"]) == {other}
     assert by_start[0]["order"] == {"position": 1, "targets": ["aiohttp", "socketio"]}
     assert by_start[2]["order"] == {"position": 1, "targets": ["socketio", "aiohttp"]}
-    assert "Targets interleaved" in (report_dir / "report.md").read_text()
+    notes = (report_dir / "report.md").read_text()
+    assert "Targets interleaved" in notes and "With one step each" not in notes
 
 
 def test_a_report_says_when_it_measured_uncommitted_code(tmp_path: Path) -> None:
