@@ -125,14 +125,37 @@ def _sustained(
     best: dict[str, Any] | None = None
     failed: dict[str, Any] | None = None
     why = ""
-    for step in steps:
-        ok, reason = step_ok(step, slo_ms)
+    for step, ok, reason in _by_rate(steps, slo_ms):
         if ok:
             if best is None or step["achieved"][figure] > best["achieved"][figure]:
                 best = step
         elif failed is None:
             failed, why = step, reason
     return best, failed, why
+
+
+def _by_rate(steps: list[dict[str, Any]], slo_ms: float) -> list[tuple[dict[str, Any], bool, str]]:
+    """Each offered rate once, in the order first run: (a step, sustainable, why not).
+    A rate run in several rounds (``--rounds``) is sustainable when more than half of
+    them were, and stands for its sustainable round with the median achieved rate; else
+    for its first round that was not, its reason saying in how many rounds."""
+    rates: dict[float, list[tuple[dict[str, Any], bool, str]]] = {}
+    for step in steps:
+        rates.setdefault(step["offered_send_rate"], []).append((step, *step_ok(step, slo_ms)))
+    out = []
+    for judged in rates.values():
+        good = [step for step, ok, _ in judged if ok]
+        if len(judged) == 1:
+            out.append(judged[0])
+        elif 2 * len(good) > len(judged):
+            good.sort(key=lambda step: step["achieved"]["acked_per_s"])
+            out.append((good[(len(good) - 1) // 2], True, ""))
+        else:
+            step, _, reason = next(item for item in judged if not item[1])
+            out.append(
+                (step, False, f"{reason} (sustainable in {len(good)} of {len(judged)} rounds)")
+            )
+    return out
 
 
 _OFFERED = {"sends/s": "offered_send_rate", "deliveries/s": "offered_deliveries_per_s"}

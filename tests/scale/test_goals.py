@@ -265,3 +265,17 @@ def test_rounds_are_judged_on_their_median_and_a_failed_round_fails_the_goal() -
     assert (
         goals.median_step(lossy["steps"][::2], "delivery")["latency_ms"]["delivery"]["p50"] == 2.0
     )
+
+
+def test_a_rate_run_in_rounds_is_sustained_when_most_of_its_rounds_were() -> None:
+    rate_goal = "chat: >="
+    half = _ours(*[_step(3000, p99=p99) for p99 in (20.0, 80.0, 30.0, 90.0)])
+    verdict = _by_goal(goals.evaluate("chat", {}, [half], 2, 1), rate_goal)
+    assert verdict["status"] == goals.NOT_MET
+    assert verdict["measured"].startswith("no step was sustainable; at 3,000 offered sends/s")
+    assert verdict["measured"].endswith("(sustainable in 2 of 4 rounds)")
+    rounds = ((2990, 20), (3000, 80), (2995, 30), (3000, 25))
+    most = _ours(*[_step(3000, acked=a, p99=p) for a, p in rounds])
+    verdict = _by_goal(goals.evaluate("chat", {}, [most], 2, 1), rate_goal)
+    assert verdict["status"] == goals.NOT_TESTED
+    assert verdict["measured"].startswith("2,995 sends/s sustained")
