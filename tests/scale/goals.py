@@ -158,6 +158,18 @@ def _by_rate(steps: list[dict[str, Any]], slo_ms: float) -> list[tuple[dict[str,
     return out
 
 
+def _median_p99_by_rate(steps: list[dict[str, Any]]) -> dict[float, dict[str, Any]]:
+    """Each offered rate's step, or of its rounds the one with the median delivery p99."""
+    rates: dict[float, list[dict[str, Any]]] = {}
+    for step in steps:
+        rates.setdefault(step["offered_send_rate"], []).append(step)
+    out = {}
+    for rate, at in rates.items():
+        at.sort(key=lambda step: step["latency_ms"]["delivery"]["p99"] or 0.0)
+        out[rate] = at[(len(at) - 1) // 2]
+    return out
+
+
 _OFFERED = {"sends/s": "offered_send_rate", "deliveries/s": "offered_deliveries_per_s"}
 _ACHIEVED = {"sends/s": "acked_per_s", "deliveries/s": "deliveries_per_s"}
 
@@ -422,10 +434,10 @@ def _rooms(
         return out
     # "At equal or lower p99": at every offered rate both ran, ours' delivery p99 is no
     # higher than the peer's; both sustainable rates are judged by the same SLO.
-    ours_at = {s["offered_send_rate"]: s for s in steps}
+    ours_at = _median_p99_by_rate(steps)
     best_peer = next(r for r in peers if r["target"] == p_name)
     worse = []
-    for peer_step in best_peer["steps"]:
+    for peer_step in _median_p99_by_rate(best_peer["steps"]).values():
         mine = ours_at.get(peer_step["offered_send_rate"])
         if mine is None:
             continue

@@ -101,6 +101,13 @@ def test_rooms_against_peers() -> None:
     )
     assert verdict["status"] == goals.NOT_MET
     assert verdict["gap"] == "at 25 sends/s ours' p99 45 ms > socketio's 40 ms"
+    # In rounds, each side's round with the median p99 at a rate is compared.
+    rounds = rooms((25, 45.0), (25, 9.0), (25, 10.0), (50, 9.0), (302, 33.0))
+    peer_rounds = rooms((25, 40.0), (25, 8.0), (25, 41.0), (50, 120.0), target="socketio")
+    verdict = _by_goal(
+        goals.evaluate("rooms", {"slo_p99_ms": 50.0}, [rounds, peer_rounds], 2, 1), "rooms: >= 3x"
+    )
+    assert verdict["status"] == goals.MET
     # Too small a ratio.
     near = rooms((25, 9.0), (50, 9.0))
     verdict = _by_goal(
