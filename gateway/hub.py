@@ -88,6 +88,10 @@ class Pending:
     deadline: float  # event-loop time when this node answers server_error itself
     fill: bool = False  # an internal gap fill, not a client's request
     entry_id: bytes | None = None  # a send's stream entry, once written
+    # A get_history sent for its grant only (the page read here once it is renewed):
+    # resolved True when renewed, False when answered (an error, a worker's page, a
+    # timeout).
+    renewal: asyncio.Future[bool] | None = None
 
 
 class Hub:
@@ -136,6 +140,7 @@ class Hub:
         self._reader_off_until = 0.0
         self._history_here = metrics.history_reads.labels("gateway")
         self._history_by_worker = metrics.history_reads.labels("worker")
+        self._renewals = metrics.grant_renewals
         self._read_seconds = metrics.history_read_seconds
         # (chat, user) pairs and token digests -> until when (monotonic) grants for them are
         # refused. Workers cache members and tokens for AUTH_CACHE_TTL_SECONDS, and a
@@ -191,19 +196,33 @@ class Hub:
         """
         digest = conn.token_digest(request.token)
         if request.event_type == protocol.GET_HISTORY:
-            if self._reads_here(conn, request, digest) and await self._read_here(
-                conn, request, received_at
-            ):
-                return
+            if self._reads_here(conn, request, digest):
+                if await self._read_here(conn, request, received_at):
+                    return
+            elif self._reads_here(conn, request, digest, stale=True):
+                if await self._renew_and_read(conn, request, digest, received_at):
+                    return
             self._history_by_worker.inc()
+        await self._to_worker(conn, request, digest, received_at)
+
+    async def _to_worker(
+        self,
+        conn: Connection,
+        request: protocol.Request,
+        digest: str,
+        received_at: float,
+        renewal: asyncio.Future[bool] | None = None,
+    ) -> bool:
+        """Forward ``request`` to its partition stream; False when it was refused (and
+        answered so)."""
         channel = self.keys.chat_channel(request.chat_id)
         try:
             await self.subscriber.acquire(channel)
         except TimeoutError:
             self.subscriber.release(channel)
             self._fail(conn, request.event_type, request.request_id, protocol.DETAIL_SERVER_ERROR)
-            return
-        self._forward(
+            return False
+        return self._forward(
             conn,
             request.chat_id,
             request.event_type,
@@ -211,10 +230,40 @@ class Hub:
             request.request_id,
             digest,
             received_at,
+            renewal=renewal,
         )
 
-    def _reads_here(self, conn: Connection, request: protocol.Request, digest: str) -> bool:
-        """Whether this node may read the page of a ``get_history`` itself.
+    async def _renew_and_read(
+        self, conn: Connection, request: protocol.Request, digest: str, received_at: float
+    ) -> bool:
+        """A page for a socket whose grant is only too old: a worker checks the token
+        and the chat again and renews the grant without reading the page, which this
+        node then reads itself. Most sockets ask for history now and then, further apart
+        than AUTH_CACHE_TTL_SECONDS; without this, each of their pages made the worker's
+        trip (a read and a page through Redis). False when the page is still to be
+        asked of a worker as usual (nothing was sent)."""
+        renewal: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        # This socket's next frame waits for the renewal, as it does while a page is
+        # read here: its replies keep the order of its requests.
+        if not await self._to_worker(conn, request, digest, received_at, renewal) or not (
+            await renewal
+        ):
+            # Refused, timed out, or answered by the worker: an error, or its own page
+            # (a worker of an earlier release).
+            self._history_by_worker.inc()
+            return True
+        self._renewals.inc()
+        if conn.closed:
+            return True
+        return self._reads_here(conn, request, digest) and await self._read_here(
+            conn, request, received_at
+        )
+
+    def _reads_here(
+        self, conn: Connection, request: protocol.Request, digest: str, stale: bool = False
+    ) -> bool:
+        """Whether this node may read the page of a ``get_history`` itself (with
+        ``stale``: would, once a worker renewed the socket's grant, which is too old).
 
         Only for a socket a worker has authorised for the chat with this very token, on
         a view of MongoDB the worker would still answer from (read within
@@ -233,7 +282,7 @@ class Hub:
             return False
         if chat_id in self._fills:
             return False
-        if state.granted_at + self.settings.auth_cache_ttl <= time.monotonic():
+        if (state.granted_at + self.settings.auth_cache_ttl <= time.monotonic()) != stale:
             return False
         if state.expires_at is not None and state.expires_at <= time.time():
             return False
@@ -298,8 +347,10 @@ class Hub:
         digest: str,
         received_at: float,
         fill: bool = False,
+        renewal: asyncio.Future[bool] | None = None,
     ) -> bool:
-        """XADD one request (the caller holds a reference on the chat's channel).
+        """XADD one request (the caller holds a reference on the chat's channel); with
+        ``renewal``, a ``get_history`` for the socket's grant only.
 
         Returns False, with the reference released, when the request was refused.
         The request's REQUEST_TIMEOUT_SECONDS count from ``received_at``, so time spent
@@ -330,6 +381,7 @@ class Hub:
             timeout=remaining,
             reply_on_push=True,
             carried_age=True,
+            grant_only=renewal is not None,
         )
         stream = self.keys.stream(partition_of(chat_id, self.settings.partitions))
         # A send's entry id is kept: its message's _id, by which this node's reader finds
@@ -347,7 +399,15 @@ class Hub:
             loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + remaining
         self.pending[req] = Pending(
-            conn, chat_id, event_type, request_id, received_at, digest, deadline, fill=fill
+            conn,
+            chat_id,
+            event_type,
+            request_id,
+            received_at,
+            digest,
+            deadline,
+            fill=fill,
+            renewal=renewal,
         )
         if not fill:
             conn.in_flight += 1
@@ -421,6 +481,7 @@ class Hub:
         self.metrics.request_timeouts.inc()
         self._observe(pending)
         self._fail(pending.conn, pending.event_type, pending.request_id, protocol.DETAIL_TIMEOUT)
+        _resolve(pending, False)
 
     def _take(self, req: int) -> Pending | None:
         """Take request ``req`` out of ``pending`` (None when it is not there)."""
@@ -489,6 +550,13 @@ class Hub:
             self.subscriber.release(channel)
             self._finish_fill(pending.chat_id, frame)
             return
+        if pending.renewal is not None and grant is not None and not frame:
+            # The grant renewed, without a page: the page is read here (_renew_and_read).
+            if not conn.closed:
+                self._authorise(conn, grant, pending, frame)
+            self.subscriber.release(channel)
+            _resolve(pending, True)
+            return
         if not conn.closed:
             send_now = True
             if grant is not None:
@@ -502,6 +570,7 @@ class Hub:
             if send_now:
                 conn.send(frame)
         self.subscriber.release(channel)
+        _resolve(pending, False)
 
     def _deliver(
         self,
@@ -908,6 +977,12 @@ class Hub:
             return None
         age = max(0.0, time.monotonic() - state.granted_at)
         return Grant(pending.chat_id, state.user_id, int(doc["seq"]), state.expires_at, age=age)
+
+
+def _resolve(pending: Pending, renewed: bool) -> None:
+    """Tell a renewal's waiter how its request ended (nothing for other requests)."""
+    if pending.renewal is not None and not pending.renewal.done():
+        pending.renewal.set_result(renewed)
 
 
 def _reply_type(frame: bytes) -> str:

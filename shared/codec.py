@@ -69,6 +69,10 @@ class StreamEntry:
     # The gateway reads the age of a carried reply's grant (``Push.reply_age``, a fourth
     # element in the push's origin list): a gateway of an earlier release unpacks three.
     carried_age: bool = False
+    # A get_history for the socket's grant only: the gateway reads the page itself once
+    # the grant is renewed (a worker of an earlier release ignores it and sends a page,
+    # which the gateway then forwards as before).
+    grant_only: bool = False
 
 
 def encode_stream_entry(entry: StreamEntry) -> bytes:
@@ -86,6 +90,7 @@ def encode_stream_entry(entry: StreamEntry) -> bytes:
             "ts": entry.received_at,
             "to": entry.timeout,
             **({"rp": 2 if entry.carried_age else 1} if entry.reply_on_push else {}),
+            **({"go": 1} if entry.grant_only else {}),
         }
     )
 
@@ -107,6 +112,7 @@ def decode_stream_entry(data: bytes) -> StreamEntry:
         timeout=raw.get("to"),
         reply_on_push=bool(asks),
         carried_age=isinstance(asks, int) and asks >= 2,
+        grant_only=bool(raw.get("go")),
     )
 
 

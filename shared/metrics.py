@@ -320,6 +320,13 @@ class GatewayMetrics:
             ["by"],
             registry=r,
         )
+        self.grant_renewals = Counter(
+            "chat_gateway_grant_renewals",
+            "get_history requests of sockets whose grant was older than "
+            "AUTH_CACHE_TTL_SECONDS: a worker checked token and chat again and renewed the "
+            "grant without reading the page, which this gateway then read itself.",
+            registry=r,
+        )
         self.history_read_errors = Counter(
             "chat_gateway_history_read_errors",
             "History pages this gateway failed to read from MongoDB (workers answered them, "

@@ -16,7 +16,7 @@ from gateway.app import DRAIN, HUB
 from gateway.connection import ChatState, Connection
 from gateway.hub import Hub
 from shared import protocol
-from shared.codec import token_digest
+from shared.codec import StreamEntry, token_digest
 from shared.config import Settings
 from shared.metrics import GatewayMetrics
 from tests.conftest import Servers
@@ -115,8 +115,8 @@ async def test_other_tokens_and_old_grants_go_to_a_worker(
     await seed.store.tokens.delete_one({"_id": token_digest(b.token or "")})
     await asyncio.sleep(settings.auth_cache_ttl + 0.2)
     gone = await b.request("get_history", pair.chat)
-    assert gone["type"] == "token_validation_error"
-    assert sample(app, READS, by="gateway") == 1
+    assert gone["type"] == "token_validation_error"  # the worker's answer to the renewal
+    assert sample(app, READS, by="gateway") == 1 and sample(app, RENEWALS) == 0
 
 
 @pytest.mark.parametrize("late_grant", ["send", "page"])
@@ -153,6 +153,67 @@ async def test_a_change_made_straight_in_mongodb_reaches_the_gateways_pages_with
     refused = await asker.request("get_history", chat)
     assert refused["type"] == "chat_not_exists"
     assert sample(app, READS, by="gateway") == 0
+
+
+RENEWALS = "chat_gateway_grant_renewals_total"
+
+
+@pytest.mark.parametrize("worker_release", ["this", "earlier"])
+async def test_a_socket_back_after_the_ttl_gets_its_page_read_here_once_a_worker_renewed_its_grant(
+    stack: Stack, seed: Seeder, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+    worker_release: str,
+) -> None:  # fmt: skip
+    """A socket that asks for a page after its grant got older than the TTL (most of a
+    fleet: history now and then): a worker checks its token and the chat again and
+    renews the grant without reading the page; the gateway reads it, the same page a
+    worker gives. A worker of an earlier release, which does not know the ask, answers
+    with its own page, which goes out as before. The socket's next request waits for the
+    page, so its replies keep their order."""
+    if worker_release == "earlier":
+        import worker.consumer
+
+        read = worker.consumer.decode_stream_entry
+
+        def earlier(data: bytes) -> StreamEntry:
+            entry = read(data)
+            entry.grant_only = False
+            return entry
+
+        monkeypatch.setattr(worker.consumer, "decode_stream_entry", earlier)
+    pair = await alice_and_bob(stack, seed)
+    app = app_of(stack, pair.url)
+    a = pair.a
+    await a.join(pair.chat)
+    for i in range(1, 5):
+        await a.send_text(pair.chat, f"m{i}")
+    await asyncio.sleep(settings.auth_cache_ttl + 0.1)
+    before = sample(app, READS, by="gateway"), sample(app, READS, by="worker")
+    page = await a.request("get_history", pair.chat, {"limit": 3}, request_id="h")
+    fresh = await stack.client(pair.url, pair.a_token)  # not authorised: a worker's page
+    by_worker = await fresh.request("get_history", pair.chat, {"limit": 3}, request_id="h")
+    assert orjson.dumps(page) == orjson.dumps(by_worker) and ids(page) == [2, 3, 4]
+    if worker_release == "this":
+        assert sample(app, RENEWALS) == 1
+        assert sample(app, READS, by="gateway") == before[0] + 1
+        assert sample(app, READS, by="worker") == before[1] + 1  # the fresh socket's join
+    else:
+        assert sample(app, RENEWALS) == 0
+        assert sample(app, READS, by="worker") == before[1] + 2
+    # The renewed grant stands: the next page is read here without a worker.
+    again = await a.request("get_history", pair.chat, {"after_id": "3"})
+    assert ids(again) == [4]
+    assert sample(app, READS, by="gateway") == before[0] + (2 if worker_release == "this" else 1)
+    # Pipelined: a page then a send, their replies in that order, the page without it.
+    await asyncio.sleep(settings.auth_cache_ttl + 0.1)
+    for body in (
+        {"event_type": "get_history", "chat_id": pair.chat, "token": a.token},
+        {"event_type": "send_message", "chat_id": pair.chat, "token": a.token,
+         "message": {"type": "text", "text": "m5"}},
+    ):  # fmt: skip
+        await a.send_raw(orjson.dumps(body).decode())
+    first, second = await a.reply(), await a.reply()
+    assert first["event_type"] == "get_history" and ids(first)[-1] == 4
+    assert second["event_type"] == "send_message" and second["messages"][0]["id"] == "5"
 
 
 async def test_a_page_asked_while_a_send_is_in_flight_shows_the_send(
@@ -362,8 +423,13 @@ def test_the_gateway_reads_only_for_a_fresh_grant_of_the_same_token(
         saved = (hub.reader, dict(hub._fills), dict(hub._revoked), set(hub.reading))
         hub._reader_off_until = 0.0
         assert hub._reads_here(conn, _ask(), digest), name
+        assert not hub._reads_here(conn, _ask(), digest, stale=True), name
         spoil()
         assert not hub._reads_here(conn, _ask(), digest), name
+        # A grant only too old is renewed by a worker for a page read here; nothing
+        # else that keeps the page from this node is.
+        stale = name == "grant older than the auth cache"
+        assert hub._reads_here(conn, _ask(), digest, stale=True) is stale, name
         hub.reader, hub._fills, hub._revoked, hub.reading = (
             saved[0], saved[1], saved[2], saved[3],
         )  # fmt: skip

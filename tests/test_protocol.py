@@ -266,3 +266,13 @@ def test_entry_payload_finds_the_payload_field_of_a_stream_entry() -> None:
     assert entry_payload([b"d"]) is None  # a field without its value
     # Redis answers nil for an entry deleted while pending.
     assert entry_payload(None) is None and entry_payload([]) is None
+
+
+def test_a_stream_entry_asks_for_a_grant_alone_only_when_it_says_so() -> None:
+    """``go`` only on a get_history sent for its grant; an entry without it (a gateway
+    of an earlier release) asks for the page as before."""
+    entry = StreamEntry("n", 1, 2, None, "c", "d", "get_history", None, 1.0, 5.0, True, True)
+    assert b'"go"' not in encode_stream_entry(entry)
+    entry.grant_only = True
+    encoded = encode_stream_entry(entry)
+    assert orjson.loads(encoded)["go"] == 1 and decode_stream_entry(encoded) == entry

@@ -262,8 +262,17 @@ class Processor:
     async def _read_histories(
         self, outcome: Outcome, reads: list[tuple[int, Item, Identity]]
     ) -> None:
-        outcome.reads += len(reads)
         await self._load_counters({i.entry.chat_id for _, i, _ in reads})
+        renewals = [read for read in reads if read[1].entry.grant_only]
+        if renewals:
+            # The gateway reads these pages itself: the checks above and a grant are all
+            # it asked for.
+            for index, item, who in renewals:
+                outcome.fill(index, item.entry.node, self._history_reply(item, who, None))
+            reads = [read for read in reads if not read[1].entry.grant_only]
+            if not reads:
+                return
+        outcome.reads += len(reads)
         # Sockets joining together ask the same page of the same chat (a room after a
         # reconnect storm): one query per distinct page, each reply built per reader.
         keys = [_page_key(item.entry) for _, item, _ in reads]
@@ -294,11 +303,12 @@ class Processor:
             )
         return page
 
-    def _history_reply(self, item: Item, identity: Identity, page: list[Doc]) -> Reply:
+    def _history_reply(self, item: Item, identity: Identity, page: list[Doc] | None) -> Reply:
+        """A page and its grant, or with no ``page`` the grant alone (an empty frame)."""
         entry = item.entry
         head = self.counters.get(entry.chat_id)
         user = identity.user_id
-        frame = protocol.history_frame(page, user, entry.request_id)
+        frame = b"" if page is None else protocol.history_frame(page, user, entry.request_id)
         grant = Grant(entry.chat_id, user, head, identity.expires_at, age=self._age(item))
         self.metrics.event(entry.event_type, protocol.SUCCESS).inc()
         return Reply(entry.conn, entry.req, frame, grant=grant)
