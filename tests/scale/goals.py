@@ -139,11 +139,9 @@ def _by_rate(steps: list[dict[str, Any]], slo_ms: float) -> list[tuple[dict[str,
     A rate run in several rounds (``--rounds``) is sustainable when more than half of
     them were, and stands for its sustainable round with the median achieved rate; else
     for its first round that was not, its reason saying in how many rounds."""
-    rates: dict[float, list[tuple[dict[str, Any], bool, str]]] = {}
-    for step in steps:
-        rates.setdefault(step["offered_send_rate"], []).append((step, *step_ok(step, slo_ms)))
     out = []
-    for judged in rates.values():
+    for at in _at_each_rate(steps).values():
+        judged = [(step, *step_ok(step, slo_ms)) for step in at]
         good = [step for step, ok, _ in judged if ok]
         if len(judged) == 1:
             out.append(judged[0])
@@ -158,13 +156,18 @@ def _by_rate(steps: list[dict[str, Any]], slo_ms: float) -> list[tuple[dict[str,
     return out
 
 
-def _median_p99_by_rate(steps: list[dict[str, Any]]) -> dict[float, dict[str, Any]]:
-    """Each offered rate's step, or of its rounds the one with the median delivery p99."""
+def _at_each_rate(steps: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
+    """The steps by offered send rate (several at one rate: ``--rounds``), in run order."""
     rates: dict[float, list[dict[str, Any]]] = {}
     for step in steps:
         rates.setdefault(step["offered_send_rate"], []).append(step)
+    return rates
+
+
+def _median_p99_by_rate(steps: list[dict[str, Any]]) -> dict[float, dict[str, Any]]:
+    """Each offered rate's step, or of its rounds the one with the median delivery p99."""
     out = {}
-    for rate, at in rates.items():
+    for rate, at in _at_each_rate(steps).items():
         at.sort(key=lambda step: step["latency_ms"]["delivery"]["p99"] or 0.0)
         out[rate] = at[(len(at) - 1) // 2]
     return out
