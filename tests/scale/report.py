@@ -245,6 +245,18 @@ def write(report: dict[str, Any], out_dir: Path) -> None:
         (out_dir / "chart-error.txt").write_text(repr(exc))
 
 
+def _offered(step: dict[str, Any]) -> str:
+    """A step's offered rate, with its round when the target ran several (``--rounds``:
+    steps s0, s1, ...) and the position it was measured in among the targets."""
+    text = _fmt(step["offered_send_rate"])
+    order = step.get("order")
+    if order and len(order["targets"]) > 1:
+        index = int(step["tag"][1:].split("r")[0]) + 1  # s<index>[r<retry>]
+        position = {1: "1st", 2: "2nd", 3: "3rd"}.get(order["position"], f"{order['position']}th")
+        text += f" (step {index}, measured {position} of {len(order['targets'])})"
+    return text
+
+
 def _other_cores(cpu: dict[str, Any]) -> str:
     """The step's 'other cores', with the share of the run's idle targets when any."""
     other = cpu.get("other_cores")
@@ -303,7 +315,7 @@ def markdown(report: dict[str, Any]) -> str:
             if "sustainable" in s:
                 verdict += "; " + ("sustainable" if s["sustainable"] else s["verdict"])
             lines.append(
-                f"| {_fmt(s['offered_send_rate'])} | {a['sends_per_s']} | {a['acked_per_s']} | "
+                f"| {_offered(s)} | {a['sends_per_s']} | {a['acked_per_s']} | "
                 f"{a['deliveries_per_s']} | {a['history_per_s']} | {c['server_cores']} | "
                 f"{c['loadgen_cores']} | {_other_cores(c)} | {_fmt(c['server_us_per_send'])} | "
                 f"{_fmt(c['server_us_per_delivery'])} | {_fmt(c['loadgen_us_per_delivery'])} | {verdict} |"
@@ -317,7 +329,7 @@ def markdown(report: dict[str, Any]) -> str:
                 if not h["count"]:
                     continue
                 lines.append(
-                    f"| {_fmt(s['offered_send_rate'])} | {kind} | {h['count']} | "
+                    f"| {_offered(s)} | {kind} | {h['count']} | "
                     + " | ".join(_fmt(h[k]) for k in LAT_KEYS)
                     + " |"
                 )
@@ -437,6 +449,16 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def charted(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The results the chart draws: those with steps, and of rounds at one rate
+    (``--rounds``) each target's median round only, the one the goals judge."""
+    results = [r for r in report["results"] if r.get("steps")]
+    if report["workload"] == "sweep" or report["params"].get("rounds", 1) <= 1:
+        return results
+    judged = "history_reply" if report["base_workload"] == "history" else "delivery"
+    return [dict(r, steps=[goals.median_step(r["steps"], judged)]) for r in results]
+
+
 def chart(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -444,9 +466,10 @@ def chart(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    results = [r for r in report["results"] if r.get("steps")]
+    results = charted(report)
     if not results:
         return
+    rounds = report["params"].get("rounds", 1) if report["workload"] != "sweep" else 1
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5))
     kinds = ["gateway", "worker", "peer", "redis", "mongod", "loadgen"]
     colors = {
@@ -532,7 +555,9 @@ def chart(report: dict[str, Any], path: Path) -> None:
         names = [r["target"] for r in results]
         pcts = ("p50", "p90", "p99", "p99_9")
         kind = (
-            "delivery"
+            "history_reply"
+            if report["base_workload"] == "history"
+            else "delivery"
             if any(r["steps"][-1]["latency_ms"]["delivery"]["count"] for r in results)
             else (
                 "history_reply"
@@ -557,6 +582,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
             ax1.set_ylim(bottom=floor)
         ax1.set_xlabel(
             f"{kind} latency at {results[0]['steps'][-1]['offered_send_rate']:g} sends/s offered"
+            + (f" (median of {rounds} rounds by p50)" if rounds > 1 else "")
         )
         metrics = ("sends_per_s", "acked_per_s", "deliveries_per_s")
         width = 0.8 / len(metrics)
@@ -720,7 +746,7 @@ def doc_table(report: dict[str, Any]) -> str:
             if "sustainable" in s:
                 verdict += "; " + ("sustainable" if s["sustainable"] else s["verdict"])
             rows.append(
-                f"| {r['target']} | {_fmt(s['offered_send_rate'])} | {a['acked_per_s']} | "
+                f"| {r['target']} | {_offered(s)} | {a['acked_per_s']} | "
                 f"{a['deliveries_per_s']} | {_fmt(rp['p50'])} / {_fmt(rp['p99'])} | "
                 f"{_fmt(d['p50'])} / {_fmt(d['p99'])} / {_fmt(d['p99_9'])} / {_fmt(d['max'])} | "
                 f"{_fmt(h['p50'])} / {_fmt(h['p99'])} | {c['server_cores']} | "

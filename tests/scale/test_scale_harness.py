@@ -442,6 +442,17 @@ def test_rounds_compare_each_round_with_its_partner_and_take_the_median() -> Non
     assert reporting.ratios([peer]) == {}
 
 
+def test_a_chart_of_rounds_draws_each_targets_median_round() -> None:
+    ours = {"target": "ours", "steps": [_headline_step(p, 1.0) for p in (4.0, 9.0, 5.0)]}
+    for step in ours["steps"]:
+        step["passed"] = True
+    report = {"workload": "chat", "base_workload": "chat", "params": {"rounds": 3}}
+    (drawn,) = reporting.charted(dict(report, results=[ours]))
+    assert [s["latency_ms"]["delivery"]["p50"] for s in drawn["steps"]] == [5.0]
+    single = dict(report, params={"rounds": 1}, results=[ours])
+    assert reporting.charted(single)[0]["steps"] == ours["steps"]
+
+
 @pytest.mark.parametrize("options", [["--workload", "sweep", "--rounds", "2"], ["--rounds", "0"]])
 def test_rounds_that_mean_nothing_are_refused(options: list[str]) -> None:
     with pytest.raises(SystemExit):
@@ -477,6 +488,7 @@ def test_an_interleaved_run_measures_each_rate_on_every_target_in_turn(tmp_path:
     assert by_start[2]["order"] == {"position": 1, "targets": ["socketio", "aiohttp"]}
     notes = (report_dir / "report.md").read_text()
     assert "Targets interleaved" in notes and "With one step each" not in notes
+    assert "| 30 (step 2, measured 1st of 2) |" in notes  # socketio's second step
 
 
 def test_a_report_says_when_it_measured_uncommitted_code(tmp_path: Path) -> None:
