@@ -533,6 +533,11 @@ def _history(
     verdict = _latency(
         goal, step, "history_reply", HISTORY_P50_MS, HISTORY_P99_MS, cpus, "get_history", alone
     )
+    readers = int(params.get("history_readers") or 0)
+    if readers:
+        # How often each socket asks matters: one back after AUTH_CACHE_TTL_SECONDS has
+        # its grant renewed by a worker before its gateway reads the page.
+        verdict["measured"] += f" ({readers:,} readers, each asking every {readers / rate:.3g} s)"
     verdict["measured"] += _rounds_said(steps, "history_reply")
     if verdict["status"] == NOT_MET:
         for clause in _floor_texts(floors or [], HISTORY_RATE, "history_reply", "history"):

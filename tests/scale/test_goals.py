@@ -150,6 +150,10 @@ def test_history_judged_only_at_the_goals_rate_and_chat_size() -> None:
     fast = _step(100, history=(500.0, 1.8, 9.0))
     ok = goals.evaluate("history", {"history_prefill": 1_000_000}, [_ours(fast)], 2, 1)[0]
     assert ok["status"] == goals.MET
+    # How often each reader comes back is part of what was measured.
+    params = {"history_prefill": 1_000_000, "history_readers": 5000}
+    fleet = goals.evaluate("history", params, [_ours(fast)], 2, 1)[0]
+    assert fleet["measured"] == "p50 1.8 ms, p99 9 ms (5,000 readers, each asking every 10 s)"
     # With the chain floor in the run: what its pages took at the goal's rate.
     floor = _ours(_step(100, history=(500.0, 1.74, 5.53), cores=(0.71, 0.12)), target="chain")
     both = goals.evaluate("history", {"history_prefill": 1_000_000}, [_ours(step), floor], 2, 1)
