@@ -253,11 +253,14 @@ class Hub:
             self._history_by_worker.inc()
             return True
         self._renewals.inc()
-        if conn.closed:
-            return True
-        return self._reads_here(conn, request, digest) and await self._read_here(
-            conn, request, received_at
-        )
+        try:
+            if conn.closed:
+                return True
+            return self._reads_here(conn, request, digest) and await self._read_here(
+                conn, request, received_at
+            )
+        finally:
+            self.reading.discard(conn.conn_id)
 
     def _reads_here(
         self, conn: Connection, request: protocol.Request, digest: str, stale: bool = False
@@ -552,6 +555,9 @@ class Hub:
             return
         if pending.renewal is not None and grant is not None and not frame:
             # The grant renewed, without a page: the page is read here (_renew_and_read).
+            # Counted as being read from now on, so a drain does not close the socket
+            # before the reader's task resumes.
+            self.reading.add(conn.conn_id)
             if not conn.closed:
                 self._authorise(conn, grant, pending, frame)
             self.subscriber.release(channel)

@@ -14,9 +14,9 @@ from aiohttp import web
 
 from gateway.app import DRAIN, HUB
 from gateway.connection import ChatState, Connection
-from gateway.hub import Hub
+from gateway.hub import Hub, Pending
 from shared import protocol
-from shared.codec import StreamEntry, token_digest
+from shared.codec import Grant, StreamEntry, token_digest
 from shared.config import Settings
 from shared.metrics import GatewayMetrics
 from tests.conftest import Servers
@@ -364,6 +364,9 @@ async def test_gateways_read_nothing_with_the_setting_off(stack: Stack, seed: Se
 class _NoSubscriber:
     chat_channels = 0
 
+    def release(self, channel: str) -> None:
+        pass
+
 
 class _Socket:
     compress = False
@@ -433,3 +436,28 @@ def test_the_gateway_reads_only_for_a_fresh_grant_of_the_same_token(
         hub.reader, hub._fills, hub._revoked, hub.reading = (
             saved[0], saved[1], saved[2], saved[3],
         )  # fmt: skip
+
+
+async def test_a_renewed_grant_counts_its_socket_as_read_for_until_its_page_is(
+    hub: Hub, settings: Settings
+) -> None:
+    """The renewal's reply records the grant and marks the socket as owed a page at
+    once, before the task that reads the page resumes: a drain that looks in between
+    does not close the socket. A worker's page (an earlier release) is sent instead."""
+    conn = _socket(hub)
+    state = conn.chats["c"]
+    state.granted_at = time.monotonic() - settings.auth_cache_ttl - 1
+    digest = token_digest("t")
+    renewed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    pending = Pending(conn, "c", "get_history", None, 0.0, digest, 0.0, renewal=renewed)
+    hub._answer(pending, b"", Grant("c", "u", 5, None), None)
+    assert renewed.result() is True and conn.conn_id in hub.reading
+    assert hub._reads_here(conn, _ask(), digest)  # fresh again
+    # A worker's own page (a worker of an earlier release) answers the request as
+    # before: the socket is owed nothing more.
+    other = _socket(hub)
+    page: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    frame = b'{"type":"success","event_type":"get_history"}'
+    answer = Pending(other, "c", "get_history", None, 0.0, digest, 0.0, renewal=page)
+    hub._answer(answer, frame, Grant("c", "u", 5, None), None)
+    assert page.result() is False and other.conn_id not in hub.reading
