@@ -1243,6 +1243,14 @@ class TargetRun:
             self.close()
         return out
 
+    def partial(self) -> dict[str, Any]:
+        """The target's part of the report so far (a run interrupted before it finished)."""
+        out = dict(self.out, steps=self.steps)
+        out["passed"] = "setup_error" not in out and all(s["passed"] for s in self.steps)
+        if self.target is not None:
+            out["notes"] = self.target.notes
+        return out
+
     def close(self) -> None:
         if self.target is not None:
             self.target.close()
@@ -1257,13 +1265,20 @@ class TargetRun:
 
 
 def run_targets(
-    names: list[str], args: argparse.Namespace, run_dir: Path, report_dir: Path
-) -> list[dict[str, Any]]:
-    """Every target's steps. ``--order interleaved`` (with more than one target): all
-    targets are started first, and each step's rate is run on every target before the
-    next rate, in :func:`step_order`, the others up and idle meanwhile. ``sequential``:
-    one target after the other, each stopped before the next starts."""
+    names: list[str],
+    args: argparse.Namespace,
+    run_dir: Path,
+    report_dir: Path,
+    results: list[dict[str, Any]],
+) -> None:
+    """Every target's steps, into ``results`` (in the order of ``names``).
+    ``--order interleaved`` (with more than one target): all targets are started first,
+    and each step's rate is run on every target before the next rate, in
+    :func:`step_order`, the others up and idle meanwhile. ``sequential``: one target
+    after the other, each stopped before the next starts. Interrupted, ``results`` holds
+    what was measured until then."""
     runs = [TargetRun(name, args, run_dir, report_dir) for name in names]
+    finished: dict[str, dict[str, Any]] = {}
     try:
         if args.order == "interleaved" and len(runs) > 1:
             # Each target lives through the whole run.
@@ -1278,17 +1293,22 @@ def run_targets(
                     parked = [r.target for r in runs if r.name != name and r.target is not None]
                     by_name[name].step(index, order, parked)
                 index += 1
-            return [run.finish() for run in runs]
-        results = []
-        for run in runs:
-            run.start(run.budget_s + args.ready_timeout * 2 + 300)
-            index = 0
-            while run.wants(index):
-                run.step(index, [run.name], [])
-                index += 1
-            results.append(run.finish())
-        return results
+            for run in runs:
+                finished[run.name] = run.finish()
+        else:
+            for run in runs:
+                run.start(run.budget_s + args.ready_timeout * 2 + 300)
+                index = 0
+                while run.wants(index):
+                    run.step(index, [run.name], [])
+                    index += 1
+                finished[run.name] = run.finish()
     finally:
+        results[:] = [
+            finished.get(run.name) or run.partial()
+            for run in runs
+            if run.name in finished or run.steps
+        ]
         for run in runs:
             run.close()
 
@@ -1563,7 +1583,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     interrupted = False
     try:
-        results = run_targets(targets, args, run_dir, report_dir)
+        run_targets(targets, args, run_dir, report_dir, results)
     except (KeyboardInterrupt, Interrupted):
         interrupted = True
         say("interrupted: every process of the run was stopped")

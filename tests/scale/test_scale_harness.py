@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -587,3 +588,35 @@ def test_a_process_runs_in_and_imports_from_the_code_it_is_given(tmp_path: Path)
     finally:
         sup.close()
     assert proc.log_path.read_text().strip() == f"{code} the given tree"
+
+
+def test_an_interrupted_run_reports_the_steps_it_measured(tmp_path: Path) -> None:
+    """SIGTERM after the first step of an interleaved run: every process is stopped, the
+    exit status is 130, and the report holds the step that was measured."""
+    cmd = [
+        sys.executable, "-m", "tests.scale.harness", "--targets", "aiohttp,socketio",
+        "--workload", "sweep", "--sweep-rates", "20,30", "--sockets", "20",
+        "--slo-p99-ms", "10000", "--duration", "1", "--drain", "3", "--quiet-wait", "0",
+        "--out", str(tmp_path), "--data-dir", str(tmp_path / "data"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            if "aiohttp chat @20/s: sustainable" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        proc.stdout.read()
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (report_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("-sweep")]
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["interrupted"] is True
+    measured = {
+        r["target"]: [s["offered_send_rate"] for s in r["steps"]] for r in report["results"]
+    }
+    assert measured["aiohttp"] == [20]
