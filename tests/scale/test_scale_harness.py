@@ -460,16 +460,22 @@ def test_rounds_that_mean_nothing_are_refused(options: list[str]) -> None:
         harness.parse_args(options)
 
 
-def test_an_interleaved_run_measures_each_rate_on_every_target_in_turn(tmp_path: Path) -> None:
-    """--order interleaved (the default with several targets): both targets up from the
-    start, each rate run on both before the next, the second rate in the reverse order,
-    and the idle target's CPU in each window reported."""
-    cmd = [
+def _two_peers_two_rates(tmp_path: Path) -> list[str]:
+    """A sweep of two short steps (20 and 30 sends/s, 1 s each) on the two light peers,
+    interleaved; every step sustainable whatever the machine's speed."""
+    return [
         sys.executable, "-m", "tests.scale.harness", "--targets", "aiohttp,socketio",
         "--workload", "sweep", "--sweep-rates", "20,30", "--sockets", "20",
         "--slo-p99-ms", "10000", "--duration", "1", "--drain", "3", "--quiet-wait", "0",
         "--out", str(tmp_path), "--data-dir", str(tmp_path / "data"),
     ]  # fmt: skip
+
+
+def test_an_interleaved_run_measures_each_rate_on_every_target_in_turn(tmp_path: Path) -> None:
+    """--order interleaved (the default with several targets): both targets up from the
+    start, each rate run on both before the next, the second rate in the reverse order,
+    and the idle target's CPU in each window reported."""
+    cmd = _two_peers_two_rates(tmp_path)
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-3000:]
     (report_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("-sweep")]
@@ -593,12 +599,7 @@ def test_a_process_runs_in_and_imports_from_the_code_it_is_given(tmp_path: Path)
 def test_an_interrupted_run_reports_the_steps_it_measured(tmp_path: Path) -> None:
     """SIGTERM after the first step of an interleaved run: every process is stopped, the
     exit status is 130, and the report holds the step that was measured."""
-    cmd = [
-        sys.executable, "-m", "tests.scale.harness", "--targets", "aiohttp,socketio",
-        "--workload", "sweep", "--sweep-rates", "20,30", "--sockets", "20",
-        "--slo-p99-ms", "10000", "--duration", "1", "--drain", "3", "--quiet-wait", "0",
-        "--out", str(tmp_path), "--data-dir", str(tmp_path / "data"),
-    ]  # fmt: skip
+    cmd = _two_peers_two_rates(tmp_path)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
