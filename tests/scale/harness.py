@@ -1214,11 +1214,12 @@ class TargetRun:
         step["discarded_disturbed_attempts"] = discarded
         step["order"] = {"position": order.index(name) + 1, "targets": order}
         if args.workload == "sweep":
-            ok, why = step_ok(step, args.slo_p99_ms)
-            step["sustainable"] = ok
-            step["verdict"] = why
-            say(f"{label}: {'sustainable' if ok else 'NOT sustainable'} ({why})")
+            step["sustainable"], step["verdict"] = step_ok(step, args.slo_p99_ms)
+        # Kept before it is announced: a run interrupted from here on reports it.
         self.steps.append(step)
+        if args.workload == "sweep":
+            ok, why = step["sustainable"], step["verdict"]
+            say(f"{label}: {'sustainable' if ok else 'NOT sustainable'} ({why})")
         _print_step(step)
         if index == len(self.rates) - 1 or (args.workload == "sweep" and not step["sustainable"]):
             self.done = True
