@@ -1226,26 +1226,31 @@ class TargetRun:
 
     def finish(self) -> dict[str, Any]:
         """The target's part of the report (after its probe, for ours); stops it."""
-        args, out, steps = self.args, self.out, self.steps
+        args, steps = self.args, self.steps
         try:
-            if "setup_error" not in out and self.target is not None:
-                if self.name == "ours" and args.probe_rounds > 0 and steps and steps[-1]["passed"]:
-                    out["probe"] = self.target.probe(args.probe_rounds, args.probe_gap_ms)
-                out["notes"] = self.target.notes
-            out["steps"] = steps
-            if args.workload == "sweep" and "setup_error" not in out:
-                good = [s["offered_send_rate"] for s in steps if s.get("sustainable")]
-                out["sustainable_send_rate"] = max(good) if good else None
-                out["sweep_limit_reached"] = any(not s.get("sustainable") for s in steps)
-            out["passed"] = "setup_error" not in out and all(s["passed"] for s in steps)
+            if (
+                "setup_error" not in self.out
+                and self.target is not None
+                and self.name == "ours"
+                and args.probe_rounds > 0
+                and steps
+                and steps[-1]["passed"]
+            ):
+                self.out["probe"] = self.target.probe(args.probe_rounds, args.probe_gap_ms)
         except SetupFailed as exc:
             self._failed(exc)
         finally:
             self.close()
+        out = self.partial()
+        if args.workload == "sweep" and "setup_error" not in out:
+            good = [s["offered_send_rate"] for s in self.steps if s.get("sustainable")]
+            out["sustainable_send_rate"] = max(good) if good else None
+            out["sweep_limit_reached"] = any(not s.get("sustainable") for s in self.steps)
         return out
 
     def partial(self) -> dict[str, Any]:
-        """The target's part of the report so far (a run interrupted before it finished)."""
+        """The target's part of the report so far (all of it but a sweep's verdict: for a
+        run interrupted before :meth:`finish`)."""
         out = dict(self.out, steps=self.steps)
         out["passed"] = "setup_error" not in out and all(s["passed"] for s in self.steps)
         if self.target is not None:
