@@ -291,11 +291,6 @@ class Target:
     def adapter(self) -> str:
         return ADAPTER[self.kind]
 
-    def endpoints(self) -> int:
-        if self.name == "aiohttp":
-            return 1
-        return self.args.gateways
-
     # ---- start
 
     def start(self, scenario: Scenario) -> None:
@@ -1134,6 +1129,7 @@ class TargetRun:
         self.run_dir = run_dir
         self.report_dir = report_dir
         self.workload = args.sweep_of if args.workload == "sweep" else args.workload
+        # The single-process peer has one server; every other target --gateways.
         self.endpoints = 1 if name == "aiohttp" else args.gateways
         self.scenario = build_scenario(args, self.endpoints, self.workload)
         self.rates = (
