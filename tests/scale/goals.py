@@ -26,6 +26,13 @@ BLOCKED = "blocked by the machine"
 # features (tests/scale/peers/chain_peer.py): run only when named in --targets, shown
 # beside ours, and never the "best peer" of a goal.
 FLOORS = ("chain",)
+BASELINE = "ours@"  # ours@REV: ours' gateway and worker as they were at git revision REV
+
+
+def kind_of(name: str) -> str:
+    """What a target is: ``ours@REV`` is ours (at another revision)."""
+    return "ours" if name.startswith(BASELINE) else name
+
 
 CHAT_RATE = 6000.0  # stored and delivered sends/s, sustained
 CHAT_P99_MS = 50.0
@@ -388,8 +395,7 @@ def _rooms(
     peers = [
         r
         for r in results
-        if r["target"] not in ("ours", *FLOORS)
-        and not r["target"].startswith("ours@")  # ours at another revision
+        if kind_of(r["target"]) not in ("ours", *FLOORS)  # nor ours at another revision
         and r.get("steps")
     ]
     if not peers:

@@ -45,7 +45,7 @@ from tests.scale.common import (
     summarize,
     with_query,
 )
-from tests.scale.goals import FD_RESERVE, FLOORS, step_ok
+from tests.scale.goals import BASELINE, FD_RESERVE, FLOORS, kind_of, step_ok
 from tests.scale.procs import ROOT, Proc, Supervisor, machine_busy_seconds
 from tests.scale.verify import verify
 from tests.scale.workloads import (
@@ -72,12 +72,6 @@ NEEDS_REDIS = {"ours": True, "socketio": True, "channels": True, "aiohttp": Fals
 # Targets that store what they are sent, and so get the shipped Redis (AOF) and a mongod.
 STORES = ("ours", "chain")
 PYTHON = sys.executable
-BASELINE = "ours@"  # ours@REV: ours' gateway and worker as they were at git revision REV
-
-
-def kind_of(name: str) -> str:
-    """What a target is: ``ours@REV`` is ours (at another revision)."""
-    return "ours" if name.startswith(BASELINE) else name
 
 
 def resolve_revision(rev: str) -> str:
