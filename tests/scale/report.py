@@ -126,14 +126,15 @@ def ratios(
     return out
 
 
-def rounds(args: argparse.Namespace) -> bool:
-    """Whether each target ran its step more than once (``--rounds``)."""
-    return args.workload != "sweep" and getattr(args, "rounds", 1) > 1
+def rounds_of(workload: str, params: dict[str, Any]) -> int:
+    """How many times each target ran its step at one rate (``--rounds``; 1 in a sweep,
+    where each rate is run once)."""
+    return 1 if workload == "sweep" else int(params.get("rounds", 1))
 
 
 def one_step(args: argparse.Namespace) -> bool:
     """Whether each target ran a single step (one rate, one round)."""
-    return args.workload != "sweep" and getattr(args, "rounds", 1) == 1
+    return args.workload != "sweep" and rounds_of(args.workload, vars(args)) == 1
 
 
 def order_note(order: str, single: bool = False) -> str:
@@ -194,7 +195,7 @@ def build(
         "targets": targets,
         "wall_s": round(wall_s, 1),
         "results": results,
-        "ratios_ours_over_peer": ratios(results, rounds=rounds(args)),
+        "ratios_ours_over_peer": ratios(results, rounds=rounds_of(args.workload, vars(args)) > 1),
         "notes": [
             "Peers persist nothing, assign no durable ids and check no token; the gateway "
             "authenticates every request, stores every message in MongoDB and assigns per-chat ids.",
@@ -432,10 +433,10 @@ def markdown(report: dict[str, Any]) -> str:
     rat = report.get("ratios_ours_over_peer")
     if rat:
         keys = list(next(iter(rat.values())).keys())
-        n = report["params"].get("rounds", 1)
+        n = rounds_of(report["workload"], report["params"])
         what = (
             f"median over {n} rounds of each round's ratio"
-            if report["workload"] != "sweep" and n > 1
+            if n > 1
             else "ratio of the last step's figures"
         )
         lines += [f"## ours / peer ({what})", ""]
@@ -453,7 +454,7 @@ def charted(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The results the chart draws: those with steps, and of rounds at one rate
     (``--rounds``) each target's median round only, the one the goals judge."""
     results = [r for r in report["results"] if r.get("steps")]
-    if report["workload"] == "sweep" or report["params"].get("rounds", 1) <= 1:
+    if rounds_of(report["workload"], report["params"]) == 1:
         return results
     judged = "history_reply" if report["base_workload"] == "history" else "delivery"
     return [dict(r, steps=[goals.median_step(r["steps"], judged)]) for r in results]
@@ -469,7 +470,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
     results = charted(report)
     if not results:
         return
-    rounds = report["params"].get("rounds", 1) if report["workload"] != "sweep" else 1
+    rounds = rounds_of(report["workload"], report["params"])
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5))
     kinds = ["gateway", "worker", "peer", "redis", "mongod", "loadgen"]
     colors = {
